@@ -114,7 +114,6 @@ def group_grid(x: torch.Tensor, group_size: int, bits: int, symmetric: bool = Fa
     else:
         lo = g.amin(-1).clamp(max=0)
         raw = (g.amax(-1).clamp(min=0) - lo) / qmax
-    raw = torch.where(raw > 0, raw, torch.ones_like(raw))  # all-zero group: any step represents it
     scales, row_scale = split_row_scale(raw)
     step = decode_e4m3(scales) * row_scale.unsqueeze(-1)
     if symmetric:
