@@ -1,0 +1,205 @@
+"""Progressive block-wise QAT (after EfficientQAT's Block-AP, with nested grids and outlier splitting).
+
+For each decoder block in order:
+
+1. the teacher block's outputs on the full-precision stream are the targets (and the calibration
+   statistics for outlier channel splitting are collected on the way);
+2. the student block is the teacher block with every linear a FakeQuantLinear in its split
+   layout; the split is checked to leave the full-precision output unchanged;
+3. the student is trained stage by stage (e.g. {8} -> {8,4} -> {8,4,3} -> {8,4,3,2}, then W2A2),
+   minimising the weighted sum of the per-target MSEs to the targets, AdamW, straight-through
+   gradients, a cosine learning rate per stage;
+4. the block is saved (resume point), its master-code weights kept for export, and the input
+   streams advanced: the teacher's output becomes the next full-precision input and, with
+   ``block_input = "quantized"``, each target's stream goes through the quantized student at that
+   target, so later blocks learn to correct the quantized prefix at their own precision.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import PreTrainedModel
+
+from kernels.grid import GROUP_SIZE, MASTER_BITS, QuantizedWeight
+
+from .blocks import (capture_layer0_inputs, fake_quant_linears, make_student, run_block, run_block_batched,
+                     set_target)
+from .models import K_SHARDED, decoder_layers
+from .ocs import InputNorms, check_split_identity, choose_splits, no_splits
+from .recipe import Recipe, Target
+from .rundir import RunDir, log
+
+
+@dataclass
+class BlockwiseResult:
+    layers: dict[str, QuantizedWeight]  # HF module name -> master-code weight
+    segments: dict[str, int]  # HF module name -> split-region segments
+    metrics: list[dict]  # one entry per block
+    train_seconds: float  # time spent in this process on blocks (resumed blocks not included)
+
+
+def _block_prefixes(model: PreTrainedModel) -> list[str]:
+    ids = {id(m): n for n, m in model.named_modules()}
+    return [ids[id(layer)] for layer in decoder_layers(model)]
+
+
+def _export_block(student: nn.Module, prefix: str, segments: int) -> tuple[dict, dict]:
+    layers, segs = {}, {}
+    for name, lin in fake_quant_linears(student).items():
+        qw = lin.quantized()
+        layers[f"{prefix}.{name}"] = QuantizedWeight(
+            qw.codes.cpu(), qw.scales.cpu(), qw.zeros.cpu(), qw.row_scale.cpu(), qw.in_features,
+            qw.group_size, qw.master_bits, qw.split_index.cpu())
+        segs[f"{prefix}.{name}"] = segments if name in K_SHARDED else 1
+    return layers, segs
+
+
+def validation_mse(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor,
+                   rows: slice, targets: list[Target], kwargs: Mapping, batch_size: int, autocast: bool
+                   ) -> dict[str, float]:
+    """Mean squared error of the student's output per target on the validation rows."""
+    out = {}
+    for t in targets:
+        set_target(student, t)
+        got = run_block_batched(student, inputs[t][rows], kwargs, batch_size, autocast)
+        out[t.name] = F.mse_loss(got.float(), targets_out[rows].float()).item()
+    set_target(student, None)
+    return out
+
+
+def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor,
+                n_train: int, kwargs: Mapping, recipe: Recipe, block: int, n_blocks: int, autocast: bool
+                ) -> dict:
+    """Progressive multi-precision training of one student block; returns its loss log."""
+    params = [lin.weight for lin in fake_quant_linears(student).values()]
+    for p in params:
+        p.requires_grad_(True)
+    stages = recipe.stages()
+    final = recipe.targets()
+    val_rows = slice(n_train, targets_out.shape[0])
+    has_val = targets_out.shape[0] > n_train
+    gen = torch.Generator().manual_seed(recipe.seed * 1_000_003 + block)
+    bs = recipe.batch_size
+    steps_per_epoch = math.ceil(n_train / bs)
+    metrics: dict = {"train": {t.name: [] for t in final}, "stage_starts": [], "val": []}
+    if has_val:
+        metrics["val"].append({"stage": "start", **validation_mse(student, inputs, targets_out, val_rows, final,
+                                                                   kwargs, bs, autocast)})
+    step = 0
+    for s, stage in enumerate(stages):
+        total = recipe.epochs_per_stage * steps_per_epoch
+        opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=recipe.lr / 20)
+        metrics["stage_starts"].append(step)
+        names = ",".join(t.name for t in stage)
+        bar = tqdm(total=total, desc=f"block {block + 1}/{n_blocks} stage {s + 1}/{len(stages)} [{names}]",
+                   leave=False, dynamic_ncols=True)
+        for _ in range(recipe.epochs_per_stage):
+            perm = torch.randperm(n_train, generator=gen)
+            for b in range(steps_per_epoch):
+                idx = perm[b * bs:(b + 1) * bs].to(targets_out.device)
+                opt.zero_grad(set_to_none=True)
+                losses = {}
+                for t in stage:
+                    set_target(student, t)
+                    with torch.autocast(targets_out.device.type, dtype=torch.bfloat16, enabled=autocast):
+                        out = run_block(student, inputs[t][idx], kwargs)
+                    loss = F.mse_loss(out.float(), targets_out[idx].float())
+                    (recipe.loss_weight(t) * loss).backward()
+                    losses[t.name] = loss.item()
+                    metrics["train"][t.name].append([step, losses[t.name]])
+                opt.step()
+                sched.step()
+                step += 1
+                bar.update()
+                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+        bar.close()
+        if has_val:
+            metrics["val"].append({"stage": names, **validation_mse(student, inputs, targets_out, val_rows, final,
+                                                                      kwargs, bs, autocast)})
+    for p in params:
+        p.requires_grad_(False)
+    set_target(student, None)
+    return metrics
+
+
+def quantize_without_data(teacher: PreTrainedModel, recipe: Recipe) -> BlockwiseResult:
+    """Round-to-nearest of every block, no splitting: needs no calibration data."""
+    layers, segs = {}, {}
+    split_bits = recipe.split_bits or recipe.lowest_bits
+    for prefix, block in zip(_block_prefixes(teacher), decoder_layers(teacher)):
+        student = make_student(block, no_splits(), split_bits, GROUP_SIZE, MASTER_BITS)
+        ls, ss = _export_block(student, prefix, recipe.split_segments)
+        layers.update(ls)
+        segs.update(ss)
+    return BlockwiseResult(layers, segs, [], 0.0)
+
+
+def quantize_blocks(teacher: PreTrainedModel, recipe: Recipe, run: RunDir, train_ids: torch.Tensor,
+                    val_ids: torch.Tensor, autocast: bool) -> BlockwiseResult:
+    """Split and train every block (RTN when the recipe trains nothing); resumes after finished blocks."""
+    if not recipe.trained and not recipe.split:
+        return quantize_without_data(teacher, recipe)
+    store_dtype = torch.bfloat16 if autocast else torch.float32
+    bs = recipe.batch_size
+    blocks, prefixes = decoder_layers(teacher), _block_prefixes(teacher)
+    n_blocks, n_train = len(blocks), train_ids.shape[0]
+    split_bits = recipe.split_bits or recipe.lowest_bits
+    targets = recipe.targets()
+    fp, kwargs = capture_layer0_inputs(teacher, torch.cat([train_ids, val_ids]), bs, store_dtype)
+    quantized_inputs = recipe.block_input == "quantized"
+    streams = {t: fp for t in targets} if quantized_inputs else {}
+    done = run.finished_blocks()
+    if done:
+        log.info(f"resuming: blocks 1..{done} of {n_blocks} are finished in {run.path}, replaying them")
+    result = BlockwiseResult({}, {}, [], 0.0)
+    for i, (block, prefix) in enumerate(zip(blocks, prefixes)):
+        start = time.perf_counter()
+        if i < done:
+            state = run.load_block(i)
+            student = make_student(block, state["splits"], split_bits, GROUP_SIZE, MASTER_BITS)
+            student.load_state_dict(state["student"])
+            metrics = state["metrics"]
+            targets_out = run_block_batched(block, fp, kwargs, bs, autocast)
+        else:
+            norms = InputNorms(block)  # statistics from the training rows only
+            train_out = run_block_batched(block, fp[:n_train], kwargs, bs, autocast)
+            channel_norms = norms.remove()
+            targets_out = torch.cat([train_out, run_block_batched(block, fp[n_train:], kwargs, bs, autocast)])
+            ratio = recipe.split_ratio(i, n_blocks)
+            splits = choose_splits(block, channel_norms, ratio, GROUP_SIZE, recipe.split_segments) \
+                if ratio > 0 else no_splits()
+            student = make_student(block, splits, split_bits, GROUP_SIZE, MASTER_BITS)
+            err = check_split_identity(block, student, fp[:bs], kwargs, autocast)
+            n_split = {name: int((idx >= 0).sum()) for name, idx in splits.items()}
+            metrics = {"block": i, "split_ratio": ratio, "split_channels": n_split, "split_identity_error": err}
+            if recipe.trained:
+                inputs = streams if quantized_inputs else {t: fp for t in targets}
+                metrics.update(train_block(student, inputs, targets_out, n_train, kwargs, recipe, i, n_blocks,
+                                           autocast))
+            metrics["seconds"] = time.perf_counter() - start
+            run.save_block(i, {"splits": splits, "student": student.state_dict(), "metrics": metrics})
+            result.train_seconds += metrics["seconds"]
+            val = metrics.get("val")
+            log.info(f"block {i + 1}/{n_blocks}: split {sum(n_split.values())} channels (ratio {ratio:.3f}), "
+                     f"{metrics['seconds']:.1f}s" + (f", val MSE {val[0]} -> {val[-1]}" if val else ""))
+        result.metrics.append(metrics)
+        run.write_curves(result.metrics)
+        layers, segs = _export_block(student, prefix, recipe.split_segments)
+        result.layers.update(layers)
+        result.segments.update(segs)
+        if i + 1 < n_blocks:
+            for t in streams:
+                set_target(student, t)
+                streams[t] = run_block_batched(student, streams[t], kwargs, bs, autocast)
+            fp = targets_out
+        del student
+    return result

@@ -1,0 +1,161 @@
+"""The training recipe: every knob of ``python -m qat.run``, read from a TOML file with CLI overrides.
+
+A recipe file (``recipes/*.toml``) holds any subset of :class:`Recipe`'s fields at top level;
+command-line flags override it; the resolved recipe is written to the run directory.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from kernels.grid import check_bits
+
+METHODS = ("bitbybit", "rtn", "direct")
+BLOCK_INPUTS = ("quantized", "fp")
+A16 = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """One precision a block is trained for: weights at ``w`` bits, activations at ``a`` bits (16 = float)."""
+
+    w: int
+    a: int = A16
+
+    @property
+    def name(self) -> str:
+        return f"w{self.w}a{self.a}"
+
+
+@dataclass
+class Recipe:
+    """Everything a run needs; ``None`` fields are derived in :meth:`resolved`."""
+
+    model: str | None = None  # HF directory or hub id; None builds the embedded demo teacher
+    method: str = "bitbybit"  # bitbybit | rtn (no training) | direct (single-precision QAT)
+    run_dir: str | None = None  # default runs/<model>-<method>[-ablation]
+    output: str | None = None  # checkpoint directory; default <run_dir>/checkpoint
+    restart: bool = False  # ignore finished blocks in run_dir and start over
+    # data
+    calib_data: str | None = None  # text file; None = the embedded corpus (demo only)
+    heldout_fraction: float = 0.1  # tail of calib_data never trained on (eval may use it)
+    n_train: int = 128  # calibration sequences
+    n_val: int = 16  # validation sequences (from the training part, disjoint from n_train)
+    seq_len: int = 256
+    seed: int = 0
+    # precisions
+    bits: list[int] = field(default_factory=lambda: [8, 4, 3, 2])
+    default_bits: int | None = None  # default: lowest of bits
+    progressive: bool = True  # stages {8} -> {8,4} -> ...; False: one stage with all precisions
+    act_bits: int | None = None  # adds a final stage that also trains W{lowest}A{act_bits}
+    loss_weights: dict[str, float] = field(default_factory=dict)  # target name (e.g. "w2a16") -> weight, default 1
+    # outlier channel splitting
+    split: bool = True
+    split_ratio_first: float = 0.02  # fraction of a layer's input channels split in the first block
+    split_ratio_last: float = 0.08  # ... and in the last block (linear in between)
+    split_bits: int | None = None  # precision whose step makes the split exact; default lowest of bits
+    split_segments: int = 1  # tensor-parallel segments of the split region of o_proj/down_proj
+    # block-wise training
+    epochs_per_stage: int = 2
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    block_input: str = "quantized"  # quantized: the quantized prefix's outputs; fp: the teacher's
+    device: str = "auto"  # auto | cpu | cuda[:i]
+    # evaluation after export (python -m qat.eval with these settings)
+    eval: bool = True
+    eval_data: str | None = None  # text file; None: the held-out part of calib_data
+    eval_ctx: int | None = None  # default: seq_len
+    eval_max_tokens: int | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and how to fix it."""
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.block_input not in BLOCK_INPUTS:
+            raise ValueError(f"block_input {self.block_input!r} is unknown; choose one of {', '.join(BLOCK_INPUTS)}")
+        if not self.bits:
+            raise ValueError("bits is empty; give the precisions to train, e.g. --bits 8,4,3,2")
+        for b in self.bits:
+            try:
+                check_bits(b)
+            except ValueError:
+                raise ValueError(f"invalid bits list {self.bits}: every precision must be an integer in 1..8") from None
+        if len(set(self.bits)) != len(self.bits):
+            raise ValueError(f"invalid bits list {self.bits}: a precision is repeated")
+        if self.method == "direct" and len(self.bits) != 1:
+            raise ValueError(f"direct QAT trains a single precision; pass one, e.g. --bits 2 (got {self.bits})")
+        if self.default_bits is not None and self.default_bits not in self.bits:
+            raise ValueError(f"default_bits {self.default_bits} is not among bits {self.bits}")
+        if self.act_bits is not None and self.act_bits != A16:
+            check_bits(self.act_bits)
+        if self.split_bits is not None:
+            check_bits(self.split_bits)
+        if not 0 <= self.split_ratio_first <= 1 or not 0 <= self.split_ratio_last <= 1:
+            raise ValueError("split ratios must be fractions of the input channels in [0, 1]")
+        if not 0 <= self.heldout_fraction < 1:
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+        for name in ("n_train", "seq_len", "batch_size", "split_segments"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.n_val < 0 or self.epochs_per_stage < 0 or self.lr <= 0:
+            raise ValueError("n_val and epochs_per_stage must be >= 0 and lr > 0")
+
+    @property
+    def trained(self) -> bool:
+        return self.method != "rtn" and self.epochs_per_stage > 0
+
+    @property
+    def lowest_bits(self) -> int:
+        return min(self.bits)
+
+    def stages(self) -> list[list[Target]]:
+        """The precision stages, highest precision first; each lists the targets trained together."""
+        order = sorted(self.bits, reverse=True)
+        if self.progressive:
+            stages = [[Target(b) for b in order[:k + 1]] for k in range(len(order))]
+        else:
+            stages = [[Target(b) for b in order]]
+        if self.act_bits is not None and self.act_bits != A16:
+            stages.append([*stages[-1], Target(self.lowest_bits, self.act_bits)])
+        return stages
+
+    def targets(self) -> list[Target]:
+        """Every target of the last stage (the ones the checkpoint is trained for)."""
+        return self.stages()[-1]
+
+    def loss_weight(self, target: Target) -> float:
+        return float(self.loss_weights.get(target.name, 1.0))
+
+    def split_ratio(self, block: int, n_blocks: int) -> float:
+        """Fraction of input channels to split in ``block`` (linear in depth between the two ends)."""
+        if not self.split:
+            return 0.0
+        t = block / (n_blocks - 1) if n_blocks > 1 else 1.0
+        return self.split_ratio_first + t * (self.split_ratio_last - self.split_ratio_first)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_recipe_file(path: str | Path) -> dict:
+    """A recipe TOML file as a dict of known fields."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file {path} not found")
+    data = tomllib.loads(path.read_text())
+    known = {f.name for f in fields(Recipe)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"{path}: unknown recipe keys {sorted(unknown)}; known keys: {sorted(known)}")
+    return data
+
+
+def build_recipe(file_values: dict, overrides: dict) -> Recipe:
+    """Recipe from a file's values with CLI overrides (``None`` in overrides means 'not given')."""
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None}}
+    recipe = Recipe(**values)
+    recipe.validate()
+    return recipe

@@ -1,0 +1,226 @@
+"""``python -m qat.run``: a Llama-family model -> one nested-grid bitbybit checkpoint (+ its PPL table).
+
+With no arguments it runs the embedded demonstration: it builds and briefly pretrains a tiny
+teacher on the project's own corpus, then splits, trains, exports and evaluates it (a few minutes
+on a 2-core CPU, no network). With ``--model`` it quantizes a real model:
+
+    python -m qat.run --model DIR --calib-data FILE [--recipe recipes/X.toml] [flags]
+
+Methods: ``bitbybit`` (progressive nested QAT, the default), ``rtn`` (round-to-nearest into the
+same format, no training, no splitting unless split flags are given), ``direct``
+(single-precision QAT: ``--method direct --bits 2``). Ablations: ``--no-split``, ``--no-progressive``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import sys
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig
+
+from kernels.checkpoint import QuantConfig
+
+from .blockwise import quantize_blocks
+from .data import calibration_windows, read_text, split_text, token_stream
+from .eval import EvalSettings, evaluate, save_table, to_markdown
+from .export import export_checkpoint
+from .models import check_model_source, load_teacher
+from .recipe import METHODS, Recipe, build_recipe, read_recipe_file
+from .rundir import RunDir, log
+
+DEMO_NAME = "demo"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu")
+    return device
+
+
+def default_run_dir(recipe: Recipe) -> Path:
+    name = DEMO_NAME if recipe.model is None else Path(recipe.model.rstrip("/")).name
+    parts = [name, recipe.method]
+    if recipe.method == "direct":
+        parts.append(f"w{recipe.bits[0]}")
+    if recipe.method != "rtn" and not recipe.split:
+        parts.append("nosplit")
+    if recipe.method == "bitbybit" and not recipe.progressive:
+        parts.append("noprog")
+    if recipe.act_bits and recipe.act_bits < 16:
+        parts.append(f"a{recipe.act_bits}")
+    return Path("runs") / "-".join(parts)
+
+
+def method_defaults(recipe: Recipe, given: set[str]) -> Recipe:
+    """RTN does not split unless split options were given explicitly."""
+    if recipe.method == "rtn" and not given & {"split", "split_ratio_first", "split_ratio_last"}:
+        return replace(recipe, split=False)
+    return recipe
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak GPU memory allocated on CUDA; the process's peak resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class RunSummary:
+    checkpoint: str
+    train_seconds: float
+    peak_memory_bytes: int
+    eval_rows: list[dict]
+
+
+def run(recipe: Recipe, command: str = "") -> RunSummary:
+    """Quantize (and train) per the recipe, export the checkpoint, evaluate it."""
+    device = resolve_device(recipe.device)
+    autocast = device.type == "cuda"
+    run_dir = Path(recipe.run_dir) if recipe.run_dir else default_run_dir(recipe)
+    if recipe.model is None:
+        from .demo import prepare_demo
+
+        teacher_dir, corpus = prepare_demo(run_dir, device)
+        recipe = replace(recipe, model=str(teacher_dir), calib_data=recipe.calib_data or str(corpus))
+    check_model_source(recipe.model)
+    recipe = replace(recipe, run_dir=str(run_dir))
+    rd = RunDir(run_dir, recipe)
+    log.info(f"run directory {run_dir}; recipe in {run_dir / 'recipe.json'}")
+    source_dtype = getattr(AutoConfig.from_pretrained(recipe.model), "dtype", None) or torch.float32
+    source_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype
+    teacher, tokenizer = load_teacher(recipe.model, device, torch.bfloat16 if autocast else torch.float32)
+    train_ids = val_ids = torch.empty(0, recipe.seq_len, dtype=torch.long)
+    if recipe.trained or recipe.split:
+        if not recipe.calib_data:
+            raise ValueError("this method needs calibration text: pass --calib-data FILE")
+        train_text, _ = split_text(read_text(recipe.calib_data), recipe.heldout_fraction)
+        stream = token_stream(tokenizer, train_text)
+        train_ids, val_ids = calibration_windows(stream, recipe.n_train, recipe.n_val, recipe.seq_len, recipe.seed)
+        log.info(f"data: {recipe.calib_data}, training part {stream.numel()} tokens -> {recipe.n_train} training + "
+                 f"{recipe.n_val} validation sequences of {recipe.seq_len}")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    torch.manual_seed(recipe.seed)
+    start = time.perf_counter()
+    result = quantize_blocks(teacher, recipe, rd, train_ids, val_ids, autocast)
+    train_seconds = sum(m.get("seconds", 0.0) for m in result.metrics) if result.metrics else time.perf_counter() - start
+    peak = peak_memory_bytes(device)
+    qc = QuantConfig(trained_bits=sorted(recipe.bits, reverse=True), default_bits=recipe.default_bits or recipe.lowest_bits,
+                     act_bits=recipe.act_bits or 16, split_bits=recipe.split_bits or recipe.lowest_bits)
+    output = Path(recipe.output) if recipe.output else run_dir / "checkpoint"
+    info = {"source_model": str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
+            "method": method_label(recipe), "recipe": recipe.to_dict(), "command": command,
+            "train_seconds": train_seconds, "peak_memory_bytes": peak, "device": str(device)}
+    teacher = teacher.to(source_dtype)
+    export_checkpoint(teacher, tokenizer, result.layers, qc, output, result.segments, info)
+    log.info(f"exported {output} (training {train_seconds:.1f}s, peak memory {peak / 2**20:.0f} MiB)")
+    rows = []
+    if recipe.eval:
+        table = evaluate(output, sorted(recipe.bits, reverse=True), recipe.act_bits, eval_settings(recipe, device))
+        table.command = command
+        save_table(table, run_dir / "eval")
+        log.info("\n" + to_markdown(table))
+        rows = table.rows
+    summary = RunSummary(str(output), train_seconds, peak, rows)
+    (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
+    return summary
+
+
+def method_label(recipe: Recipe) -> str:
+    """The results-table name of what this recipe trains."""
+    if recipe.method in ("rtn", "direct"):
+        return "rtn" if recipe.method == "rtn" else "direct-qat"
+    if not recipe.split:
+        return "no-split"
+    if not recipe.progressive:
+        return "no-progressive"
+    return "bitbybit"
+
+
+def eval_settings(recipe: Recipe, device: torch.device) -> EvalSettings:
+    if recipe.eval_data:
+        return EvalSettings(recipe.eval_data, "all", recipe.heldout_fraction, recipe.eval_ctx or recipe.seq_len,
+                            None, recipe.eval_max_tokens, str(device))
+    if not recipe.calib_data or recipe.heldout_fraction <= 0:
+        raise ValueError("nothing to evaluate on: pass --eval-data FILE, or --no-eval")
+    return EvalSettings(recipe.calib_data, "heldout", recipe.heldout_fraction, recipe.eval_ctx or recipe.seq_len,
+                        None, recipe.eval_max_tokens, str(device))
+
+
+def _bits(text: str) -> list[int]:
+    from .eval import parse_bits
+
+    return parse_bits(text)
+
+
+def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
+    """(recipe file values, CLI overrides, names given on the command line)."""
+    ap = argparse.ArgumentParser(prog="python -m qat.run", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--recipe", help="TOML recipe file (recipes/*.toml); flags override it")
+    ap.add_argument("--model", help="HF model directory or hub id (default: the embedded demo teacher)")
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--run-dir", dest="run_dir")
+    ap.add_argument("--output", help="checkpoint directory (default RUN_DIR/checkpoint)")
+    ap.add_argument("--restart", action="store_const", const=True, help="discard finished blocks in RUN_DIR")
+    ap.add_argument("--calib-data", dest="calib_data", help="calibration text file")
+    ap.add_argument("--heldout-fraction", dest="heldout_fraction", type=float)
+    ap.add_argument("--n-train", dest="n_train", type=int)
+    ap.add_argument("--n-val", dest="n_val", type=int)
+    ap.add_argument("--seq-len", dest="seq_len", type=int)
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--bits", type=_bits, help="trained precisions, e.g. 8,4,3,2")
+    ap.add_argument("--default-bits", dest="default_bits", type=int)
+    ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
+    ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
+    ap.add_argument("--no-split", dest="split", action="store_const", const=False)
+    ap.add_argument("--split", dest="split", action="store_const", const=True, help="split (also for rtn)")
+    ap.add_argument("--split-ratio-first", dest="split_ratio_first", type=float)
+    ap.add_argument("--split-ratio-last", dest="split_ratio_last", type=float)
+    ap.add_argument("--split-bits", dest="split_bits", type=int)
+    ap.add_argument("--split-segments", dest="split_segments", type=int)
+    ap.add_argument("--epochs-per-stage", dest="epochs_per_stage", type=int)
+    ap.add_argument("--batch-size", dest="batch_size", type=int)
+    ap.add_argument("--lr", type=float)
+    ap.add_argument("--weight-decay", dest="weight_decay", type=float)
+    ap.add_argument("--block-input", dest="block_input", choices=("quantized", "fp"))
+    ap.add_argument("--device", help="auto, cpu or cuda")
+    ap.add_argument("--eval-data", dest="eval_data")
+    ap.add_argument("--eval-ctx", dest="eval_ctx", type=int)
+    ap.add_argument("--eval-max-tokens", dest="eval_max_tokens", type=int)
+    ap.add_argument("--no-eval", dest="eval", action="store_const", const=False)
+    args = vars(ap.parse_args(argv))
+    file_values = read_recipe_file(args.pop("recipe")) if args.get("recipe") else {}
+    known = {f.name for f in fields(Recipe)}
+    overrides = {k: v for k, v in args.items() if k in known}
+    given = set(file_values) | {k for k, v in overrides.items() if v is not None}
+    return file_values, overrides, given
+
+
+def main(argv: list[str] | None = None) -> None:
+    file_values, overrides, given = parse_args(argv)
+    try:
+        recipe = method_defaults(build_recipe(file_values, overrides), given)
+    except (TypeError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    command = "python -m qat.run " + shlex.join(sys.argv[1:] if argv is None else argv)
+    try:
+        summary = run(recipe, command.strip())
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    print(f"checkpoint: {summary.checkpoint}")
+
+
+if __name__ == "__main__":
+    main()
