@@ -126,7 +126,9 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     export_checkpoint(teacher, tokenizer, result.layers, qc, output, result.segments, info)
     log.info(f"exported {output} (training {train_seconds:.1f}s, peak memory {peak / 2**20:.0f} MiB)")
     rows = []
-    if recipe.eval:
+    if recipe.eval and not (recipe.eval_data or recipe.calib_data):
+        log.info("no evaluation text (--eval-data or --calib-data): perplexity table skipped")
+    elif recipe.eval:
         table = evaluate(output, sorted(recipe.bits, reverse=True), recipe.act_bits, eval_settings(recipe, device))
         table.command = command
         save_table(table, run_dir / "eval")
@@ -152,8 +154,8 @@ def eval_settings(recipe: Recipe, device: torch.device) -> EvalSettings:
     if recipe.eval_data:
         return EvalSettings(recipe.eval_data, "all", recipe.heldout_fraction, recipe.eval_ctx or recipe.seq_len,
                             None, recipe.eval_max_tokens, str(device))
-    if not recipe.calib_data or recipe.heldout_fraction <= 0:
-        raise ValueError("nothing to evaluate on: pass --eval-data FILE, or --no-eval")
+    if recipe.heldout_fraction <= 0:
+        raise ValueError("no held-out text to evaluate on (--heldout-fraction 0): pass --eval-data FILE, or --no-eval")
     return EvalSettings(recipe.calib_data, "heldout", recipe.heldout_fraction, recipe.eval_ctx or recipe.seq_len,
                         None, recipe.eval_max_tokens, str(device))
 
@@ -172,7 +174,7 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--model", help="HF model directory or hub id (default: the embedded demo teacher)")
     ap.add_argument("--method", choices=METHODS)
     ap.add_argument("--run-dir", dest="run_dir")
-    ap.add_argument("--output", help="checkpoint directory (default RUN_DIR/checkpoint)")
+    ap.add_argument("--out", "--output", dest="output", help="checkpoint directory (default RUN_DIR/checkpoint)")
     ap.add_argument("--restart", action="store_const", const=True, help="discard finished blocks in RUN_DIR")
     ap.add_argument("--calib-data", dest="calib_data", help="calibration text file")
     ap.add_argument("--heldout-fraction", dest="heldout_fraction", type=float)
