@@ -1,0 +1,88 @@
+"""W{b}A16 (and, on quantized activations, W{b}A{a}) linear on tensor cores, any M.
+
+Each program owns a ``BM x BN`` output tile (optionally one of ``SPLIT_K`` slices of K) and per
+``BK`` step dequantizes a ``BK x BN`` weight tile in registers into the activation dtype, then
+``tl.dot`` (HMMA / wgmma). The packed words are read K-major (contiguous along N) and unpacked
+as ``[slot, word row, column]`` so every thread keeps whole words; a permute + reshape puts the
+codes in natural K order without moving data. ``row_scale`` (and the token scale of quantized
+activations) is applied once per output in the epilogue.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .triton_common import e4m3_scaled, finish, load_act
+
+
+@triton.jit
+def _gathered_plane(w_ptr, stride_ww, stride_wn, row0, k0, kk, n, nmask, Kq, P: tl.constexpr, S: tl.constexpr):
+    """Codes of a secondary bit plane (multi-plane precisions) at tile offsets ``kk``, shifted to weight ``2^S``."""
+    SLOTS: tl.constexpr = 32 // P
+    k = k0 + kk
+    words = tl.load(w_ptr + (row0 + k // SLOTS) * stride_ww + n * stride_wn, mask=(k < Kq) & nmask,
+                    other=0).to(tl.uint32, bitcast=True)
+    return ((words >> ((k % SLOTS) * P).to(tl.uint32)) & ((1 << P) - 1)) << S
+
+
+@triton.jit
+def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
+                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
+                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, BK: tl.constexpr,
+                 OP_DTYPE: tl.constexpr):
+    """Weight tile ``[BK, BN]`` for K columns ``k0..k0+BK`` as ``(code - zero_b) * e4m3 / 256`` in ``OP_DTYPE``."""
+    SL0: tl.constexpr = 32 // P0
+    BKW: tl.constexpr = BK // SL0
+    w = tl.arange(0, BKW)[None, :, None]
+    i = tl.arange(0, SL0)[:, None, None]
+    n = cols[None, None, :]
+    nmask = cmask[None, None, :]
+    row = k0 // SL0 + w
+    rmask = (row < Kq // SL0) & nmask
+    words = tl.load(w_ptr + row * stride_ww + n * stride_wn, mask=rmask, other=0).to(tl.uint32, bitcast=True)
+    q = ((words >> (i * P0).to(tl.uint32)) & ((1 << P0) - 1)) << S0
+    if P1 > 0:
+        q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R1, k0, SL0 * w + i, n, nmask, Kq, P1, S1)
+    if P2 > 0:
+        q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R2, k0, SL0 * w + i, n, nmask, Kq, P2, S2)
+    poffs = (k0 // 32 + w // P0) * stride_sg + n * stride_sn
+    c = e4m3_scaled(tl.load(s_ptr + poffs, mask=rmask, other=0))
+    zb = (tl.load(z_ptr + poffs, mask=rmask, other=0).to(tl.float32) - ZOFF) * ZMUL
+    b = ((q.to(tl.float32) - zb) * c).to(OP_DTYPE)
+    return tl.reshape(tl.permute(b, (1, 0, 2)), (BK, cols.shape[0]))
+
+
+@triton.jit
+def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr, y_ptr, ws_ptr, cnt_ptr,
+                M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2,
+                P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
+                S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
+                BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                SPLIT_K: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """``y = x @ W^T``; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K), M tiles grouped by GROUP_M for L2 reuse."""
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BM)
+    num_n = tl.cdiv(N, BN)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    group = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % group
+    pid_n = (pid % width) // group
+    rows = pid_m * BM + tl.arange(0, BM)
+    cols = pid_n * BN + tl.arange(0, BN)
+    cmask = cols < N
+    op_dtype = x_ptr.dtype.element_ty
+    n_tiles = tl.cdiv(Kq, BK)
+    per_split = tl.cdiv(n_tiles, SPLIT_K)
+    acc = tl.zeros([BM, BN], tl.float32)
+    for kt in range(pid_k * per_split, tl.minimum(n_tiles, (pid_k + 1) * per_split)):
+        k0 = kt * BK
+        a = load_act(x_ptr, stride_xm, rows[:, None], k0 + tl.arange(0, BK)[None, :], M, K, Kp, Kq, split_ptr,
+                     HAS_SPLIT)
+        b = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
+                         P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, op_dtype)
+        acc = tl.dot(a, b, acc)
+    finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
+           pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

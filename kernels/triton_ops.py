@@ -1,0 +1,208 @@
+"""bitbybit's Triton kernels as torch custom ops, and the shape -> kernel configuration choice.
+
+Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile / CUDA graphs):
+
+* ``linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+  in_features, out_dtype)``: ``x [..., K] @ W_b^T``; with ``token_scale`` the input is already
+  quantized (``xq`` of ``quantize_act``) and each row is scaled by it.
+* ``quantize_act(x, split_index, act_bits) -> (xq fp16 [..., Kq], token_scale fp32 [...])``.
+
+Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
+on the H200 (``kernels/triton_table.json``, written by ``python -m kernels.bench --tune``) and a
+rule for shapes it does not list. Nothing is autotuned at call time, so graph capture is safe.
+Split-K launches reduce in-kernel through a per-device counter buffer that is allocated on the
+first call (before any capture) and left zeroed by every launch; calls on one device must not
+run concurrently on several streams.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+from .grid import GROUP_SIZE, padded_width
+from .packing import plane_widths
+from .triton_actquant import actquant_kernel
+from .triton_gemm import gemm_kernel
+from .triton_gemv import gemv_kernel
+
+TABLE_PATH = Path(__file__).with_name("triton_table.json")
+COUNTERS = 1 << 16  # split-K output tiles one launch may use
+
+
+@dataclass(frozen=True)
+class Config:
+    """A launch configuration. ``kernel`` is ``"gemv"`` (block_m <= 2, block_k = groups per step) or ``"gemm"``."""
+
+    kernel: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+    group_m: int = 8
+
+
+def _load_table() -> dict[str, Config]:
+    if not TABLE_PATH.exists():
+        return {}
+    return {key: Config(**cfg) for key, cfg in json.loads(TABLE_PATH.read_text()).items()}
+
+
+TABLE = _load_table()
+
+
+def m_bucket(m: int) -> int:
+    """The table's M key: M rounded up to a power of two, capped at 4096."""
+    return min(1 << max(m - 1, 0).bit_length(), 4096)
+
+
+def table_key(bits: int, kq: int, n: int, m: int) -> str:
+    return f"w{bits}:{kq}x{n}:m{m_bucket(m)}"
+
+
+def default_config(m: int, n: int, kq: int) -> Config:
+    """The rule for shapes the table does not list: GEMV for decode, split-K tensor-core tiles in between."""
+    sms = 132
+    if m <= 2:
+        return Config("gemv", m, 8, 128, split_k=1 if n >= 8 * sms * 2 else 4, num_warps=4)
+    if m <= 64:
+        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+        tiles = triton.cdiv(n, 64)
+        split = max(1, min(8, (2 * sms) // tiles, kq // 1024))
+        return Config("gemm", bm, 64, 256, split_k=split, num_warps=4, num_stages=2)
+    if m <= 256:
+        return Config("gemm", 64, 128, 64, num_warps=4, num_stages=3)
+    return Config("gemm", 128, 128, 64, num_warps=8, num_stages=3)
+
+
+def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
+    """The tuned configuration for this shape (quantized or 16-bit activations alike), else :func:`default_config`."""
+    return TABLE.get(table_key(bits, kq, n, m)) or default_config(m, n, kq)
+
+
+def save_table(table: dict[str, Config]) -> None:
+    TABLE_PATH.write_text(json.dumps({k: asdict(v) for k, v in sorted(table.items())}, indent=1) + "\n")
+
+
+def plane_args(bits: int, kq: int) -> dict:
+    """Constexprs of the bit planes (width P, weight 2^S) and the word-row offsets R1, R2 of planes 1, 2."""
+    widths = plane_widths(bits) + [0, 0]
+    shifts = [bits - sum(widths[: j + 1]) for j in range(3)]
+    return dict(P0=widths[0], S0=shifts[0], P1=widths[1], S1=max(shifts[1], 0), P2=widths[2],
+                S2=max(shifts[2], 0), R1=kq * widths[0] // 32, R2=kq * (widths[0] + widths[1]) // 32)
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _counter_buffer(device: torch.device) -> torch.Tensor:
+    if device not in _counters:
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
+
+
+def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  row_scale: torch.Tensor, split_index: torch.Tensor | None, token_scale: torch.Tensor | None,
+                  bias: torch.Tensor | None, bits: int, master_bits: int, in_features: int,
+                  out_dtype: torch.dtype, config: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the W{b} linear on ``x [M, K]`` (contiguous rows) into ``out`` (new if None); ``config`` overrides the table."""
+    m = x.shape[0]
+    n, g = scales.shape
+    kq = g * GROUP_SIZE
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    cfg = config or choose_config(bits, m, n, kq)
+    if cfg.kernel == "gemv" and m > 2:
+        raise ValueError(f"the GEMV kernel takes at most 2 rows, got {m}")
+    mult = 2 ** (master_bits - bits)
+    has_split = split_index is not None and split_index.numel() > 0
+    cnt = _counter_buffer(x.device)
+    bm = m if cfg.kernel == "gemv" else cfg.block_m
+    tiles = triton.cdiv(n, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, bm))
+    split_k = cfg.split_k if tiles <= COUNTERS else 1
+    grid = (tiles, split_k)
+    ws = torch.empty(tiles * split_k * bm * cfg.block_n if split_k > 1 else 1, dtype=torch.float32,
+                     device=x.device)
+    su8, zu8 = scales.view(torch.uint8), zeros
+    args = (x, packed, su8, zu8, row_scale, token_scale if token_scale is not None else row_scale,
+            bias if bias is not None else row_scale, split_index if has_split else packed, y, ws, cnt,
+            m, n, in_features, padded_width(in_features, GROUP_SIZE), kq, x.stride(0), y.stride(0),
+            packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0))
+    consts = dict(plane_args(bits, kq), ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult,
+                  SPLIT_K=split_k, HAS_SPLIT=has_split, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None)
+    r1, r2 = consts.pop("R1"), consts.pop("R2")
+    if zu8.stride() != su8.stride():
+        raise ValueError("scales and zeros must share one memory layout")
+    if cfg.kernel == "gemv":
+        gemv_kernel[grid](*args, r1, r2, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n,
+                          num_warps=cfg.num_warps)
+    else:
+        gemm_kernel[grid](*args, r1, r2, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+                          GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return y
+
+
+def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int,
+                    write_codes: bool = False) -> tuple[torch.Tensor, ...]:
+    """Quantize ``x [M, K]`` per token: ``(xq fp16 [M, Kq], token_scale fp32 [M])`` (+ codes, E4M3 bytes, zeros)."""
+    m, k = x.shape
+    kp = padded_width(k, GROUP_SIZE)
+    kq = kp + (0 if split_index is None else split_index.numel())
+    has_split = split_index is not None and split_index.numel() > 0
+    xq = torch.empty(m, kq, dtype=torch.float16, device=x.device)
+    ts = torch.empty(m, dtype=torch.float32, device=x.device)
+    extra = ((torch.empty(m, kq, dtype=torch.uint8, device=x.device),
+              torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device),
+              torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device)) if write_codes else ())
+    if m:
+        bkq = triton.next_power_of_2(kq)
+        codes, sc, zp = extra or (xq, xq, xq)
+        actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
+                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BKQ=bkq,
+                              HAS_SPLIT=has_split, WRITE_CODES=write_codes,
+                              num_warps=max(1, min(16, bkq // 1024)))
+    return (xq, ts, *extra)
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+@torch.library.custom_op("bitbybit::linear", mutates_args=())
+def linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+              row_scale: torch.Tensor, split_index: torch.Tensor | None, token_scale: torch.Tensor | None,
+              bias: torch.Tensor | None, bits: int, master_bits: int, in_features: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    ts = None if token_scale is None else token_scale.reshape(-1).contiguous()
+    y = launch_linear(_rows(x), packed, scales, zeros, row_scale, split_index, ts, bias, bits, master_bits,
+                      in_features, out_dtype)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@linear_op.register_fake
+def _linear_fake(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+                 in_features, out_dtype):
+    return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("bitbybit::quantize_act", mutates_args=())
+def quantize_act_op(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xq, ts = launch_actquant(_rows(x), split_index, act_bits)
+    return xq.reshape(*x.shape[:-1], -1), ts.reshape(x.shape[:-1])
+
+
+@quantize_act_op.register_fake
+def _quantize_act_fake(x, split_index, act_bits):
+    kq = padded_width(x.shape[-1], GROUP_SIZE) + (0 if split_index is None else split_index.shape[0])
+    return (x.new_empty(*x.shape[:-1], kq, dtype=torch.float16),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+BITBYBIT_OPS = torch.ops.bitbybit

@@ -1,0 +1,137 @@
+"""The Triton kernels on the CPU, under ``TRITON_INTERPRET=1``, against the reference ops (small shapes).
+
+The interpreter must be switched on before triton is imported, and other test modules import
+it normally, so this module re-runs itself in a subprocess with ``TRITON_INTERPRET=1``: in
+the parent it holds one test that starts that run; in the child it holds the kernel tests.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+if not INTERPRETED:
+    def test_triton_kernels_under_the_interpreter():
+        env = dict(os.environ, TRITON_INTERPRET="1")
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                             env=env, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+else:
+    import numpy as np
+    import torch
+    import triton.language as tl
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from triton.runtime import interpreter
+
+    from kernels.actquant import dequantize_activations, quantize_activations
+    from kernels.ops import pack_linear
+    from kernels.reference import linear_wa, linear_wa16
+    from kernels.split import quantize_split_weight, split_region_index
+    from kernels.triton_ops import Config, launch_actquant, launch_linear
+
+    _dot = interpreter.InterpreterBuilder.create_dot
+
+    def _dot_bf16_as_fp32(self, a, b, d, input_precision, max_num_imprecise_acc):
+        """The interpreter keeps bf16 as raw uint16 and multiplies those integers; widen to fp32 first."""
+        def widen(h):
+            if h.dtype.scalar != tl.bfloat16:
+                return h
+            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return _dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    interpreter.InterpreterBuilder.create_dot = _dot_bf16_as_fp32
+
+    K = 72  # Kq = 128: two groups of x, one partly padding, one of split slots
+    SPLITS = [3, 40, 71]
+
+    def layer(bits: int, n: int = 12, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        w = torch.randn(n, K, generator=g) * torch.rand(n, 1, generator=g)
+        return pack_linear(quantize_split_weight(w, split_region_index(SPLITS, K, 32)), bits)
+
+    def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+    def run(x, lay, cfg, dtype, token_scale=None, split=True, bias=None, in_features=K):
+        out = torch.full((x.shape[0], lay.out_features), float("nan"), dtype=dtype)
+        launch_linear(x, lay.packed, lay.scales, lay.zeros, lay.row_scale, lay.split_index if split else None,
+                      token_scale, bias, lay.bits, lay.master_bits, in_features, dtype, cfg, out)
+        assert not out.isnan().any(), "an output element was not written"
+        return out
+
+    # The interpreter rounds fp32 -> bf16/fp16 by truncation, so its bf16 outputs carry up to 2^-8.
+    TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}
+
+    @pytest.mark.parametrize("bits", [2, 3, 4, 8])
+    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (2, Config("gemv", 2, 8, 1, split_k=2)),
+                                        (5, Config("gemm", 16, 16, 32, split_k=3)),
+                                        (19, Config("gemm", 16, 16, 64, group_m=2))])
+    def test_linear_wa16_matches_reference(bits, m, cfg):
+        lay = layer(bits, seed=bits)
+        dtype = (torch.bfloat16, torch.float16)[m % 2]
+        x = torch.randn(m, K).to(dtype)
+        bias = torch.randn(lay.out_features).to(dtype) if m == 5 else None
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits, bias=None if bias is None else bias.double())
+        assert rel_err(run(x, lay, cfg, dtype, bias=bias), ref) < TOL[dtype]
+
+    def test_linear_fp32_input_and_row_major_storage():
+        lay = layer(2, seed=7)
+        rowmajor = type(lay)(lay.packed.contiguous(), lay.scales.contiguous(), lay.zeros.contiguous(), lay.row_scale,
+                             lay.split_index, 2, K, 32)
+        x = torch.randn(3, K)
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), 2)
+        for cfg in (Config("gemv", 1, 8, 2), Config("gemm", 16, 16, 32)):
+            xs = x[:1] if cfg.kernel == "gemv" else x
+            assert rel_err(run(xs, rowmajor, cfg, torch.float32), ref[: xs.shape[0]]) < 1e-5
+
+    @pytest.mark.parametrize("act_bits", [2, 3, 4, 8])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_actquant_is_bit_exact(act_bits, dtype):
+        g = torch.Generator().manual_seed(act_bits)
+        x = torch.randn(5, K, generator=g) * 10 * torch.rand(5, 1, generator=g)
+        x[1] = 0.0  # all-zero token
+        x[2, 30:64] = 0.0  # all-zero group
+        x[3] *= 1e-6
+        x = x.to(dtype)
+        idx = split_region_index(SPLITS, K, 32)
+        xq, ts, codes, scales, zeros = launch_actquant(x, idx, act_bits, write_codes=True)
+        ref = quantize_activations(x, act_bits, idx)
+        assert torch.equal(codes, ref.codes)
+        assert torch.equal(scales, ref.scales.view(torch.uint8))
+        assert torch.equal(zeros, ref.zeros)
+        assert torch.equal(ts * 2.0**-act_bits, ref.token_scale)
+        deq = dequantize_activations(ref, torch.float64)
+        assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
+
+    @pytest.mark.parametrize("bits, act_bits", [(2, 2), (4, 4), (3, 8)])
+    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (6, Config("gemm", 16, 16, 32, split_k=2))])
+    def test_linear_wa_matches_reference(bits, act_bits, m, cfg):
+        lay = layer(bits, seed=10 + bits)
+        x = torch.randn(m, K, dtype=torch.bfloat16)
+        xq, ts = launch_actquant(x, lay.split_index, act_bits)
+        out = run(xq, lay, cfg, torch.bfloat16, token_scale=ts, split=False, in_features=xq.shape[1])
+        ref = linear_wa(x.double(), lay.to_quantized_weight(), bits, act_bits)
+        assert rel_err(out, ref) < TOL[torch.bfloat16]
+
+    def test_custom_ops_run_and_have_fake_shapes():
+        lay = layer(2)
+        args = (lay.packed, lay.scales, lay.zeros, lay.row_scale)
+        x = torch.randn(2, 1, K, dtype=torch.float16)
+        y = torch.ops.bitbybit.linear(x, *args, lay.split_index, None, None, 2, 8, K, torch.float16)
+        assert y.shape == (2, 1, lay.out_features) and y.dtype == torch.float16
+        assert rel_err(y, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.float16]
+        xq, ts = torch.ops.bitbybit.quantize_act(x, lay.split_index, 2)
+        assert xq.shape == (2, 1, 128) and ts.shape == (2, 1)
+        with FakeTensorMode() as mode:
+            fx = mode.from_tensor(torch.empty(7, K, dtype=torch.bfloat16))
+            fargs = [mode.from_tensor(t) for t in (*args, lay.split_index)]
+            fy = torch.ops.bitbybit.linear(fx, *fargs, None, None, 2, 8, K, torch.bfloat16)
+            fq, fts = torch.ops.bitbybit.quantize_act(fx, fargs[-1], 4)
+        assert fy.shape == (7, lay.out_features) and fy.dtype == torch.bfloat16
+        assert fq.shape == (7, 128) and fq.dtype == torch.float16 and fts.shape == (7,)
