@@ -1,0 +1,222 @@
+"""End to end on a GPU: ``vllm serve CKPT --quantization bitbybit --bits B`` against the project's reference model.
+
+For every precision B (default: the checkpoint's trained set) this
+
+1. runs the project's own forward pass (:func:`kernels.qmodel.load_quantized`, greedy, KV cache) on
+   16 held-out prompts and keeps the first ``--tokens`` token ids of each;
+2. starts ``vllm serve`` (through :func:`serve.vllm_launch.vllm_command`, i.e. exactly
+   ``vllm serve CKPT --quantization bitbybit --bits B``) and waits for ``/health``;
+3. sends the same prompt token ids to ``/v1/completions`` (greedy, ``ignore_eos``) and records each
+   prompt's first divergence from the reference; checks ``/v1/completions`` streaming and
+   ``/v1/chat/completions`` with and without streaming (the streamed text must equal the
+   non-streamed text);
+4. stops the server.
+
+Pass: at least ``--min-identical`` (14) of the 16 prompts identical for ``--tokens`` (32) tokens,
+at every precision, and the streaming checks. The prompts: ``heldout.txt`` holds 8 books, so each
+book gives two, the first sentence of its first prose paragraph and of its first prose paragraph
+after the book's midpoint.
+
+    python scripts/vllm_e2e.py --ckpt CKPT [--bits 2,4] [--dtype float32] [--out results.json] [-- VLLM FLAGS]
+
+Needs vLLM, a CUDA GPU and this project pip-installed (so that vLLM finds the plugin's entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import openai
+import torch
+
+from kernels.checkpoint import read_quant_config
+from kernels.qmodel import load_quantized, load_tokenizer
+from serve.vllm_launch import vllm_command
+
+HELDOUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gutenberg-sample" / "heldout.txt"
+MODEL_NAME = "e2e"
+MIN_PROSE_CHARS = 200
+MIN_SENTENCE_CHARS = 40
+MAX_PROMPT_CHARS = 300
+
+
+def first_sentence(paragraph: str) -> str:
+    """The paragraph's first sentence of at least MIN_SENTENCE_CHARS characters (abbreviations such as
+    "Rev." do not end it early), cut at MAX_PROMPT_CHARS."""
+    m = re.compile(r"[.!?][\"'’”)]?\s").search(paragraph + " ", MIN_SENTENCE_CHARS)
+    return (paragraph[: m.end()] if m else paragraph).strip()[:MAX_PROMPT_CHARS]
+
+
+def is_prose(line: str) -> bool:
+    """A joined prose paragraph: long, not indented, mostly lower-case (not a heading or a contents table)."""
+    letters = [c for c in line if c.isalpha()]
+    return (len(line) >= MIN_PROSE_CHARS and not line.startswith(" ")
+            and sum(c.islower() for c in letters) >= 0.7 * len(letters))
+
+
+def heldout_prompts(path: Path = HELDOUT) -> list[str]:
+    """16 prompts: two per held-out book (books are separated by two blank lines; prose paragraphs are single lines)."""
+    books = [b for b in path.read_text(encoding="utf-8").split("\n\n\n") if b.strip()]
+    prompts = []
+    for book in books:
+        lines = book.split("\n")
+        prose = [i for i, line in enumerate(lines) if is_prose(line)]
+        if not prose:
+            raise ValueError(f"no prose paragraph in the book starting {book[:60]!r}")
+        middle = next((i for i in prose if i >= len(lines) // 2), prose[-1])
+        prompts += [first_sentence(lines[prose[0]]), first_sentence(lines[middle])]
+    if len(prompts) != 16 or len(set(prompts)) != 16:
+        raise ValueError(f"expected 16 distinct prompts from {path}, got {len(set(prompts))}")
+    return prompts
+
+
+@torch.no_grad()
+def reference_tokens(ckpt: str, bits: int, prompt_ids: list[list[int]], n_tokens: int,
+                     dtype: torch.dtype, device: str) -> list[list[int]]:
+    """Greedy continuations (EOS ignored) from the project's quantized model at ``bits``."""
+    model, _, _ = load_quantized(ckpt, bits=bits, device=device, dtype=dtype)
+    out = []
+    for ids in prompt_ids:
+        x = torch.tensor([ids], device=device)
+        res = model(input_ids=x, use_cache=True)
+        tokens = []
+        for _ in range(n_tokens):
+            nxt = int(res.logits[0, -1].argmax())
+            tokens.append(nxt)
+            res = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=res.past_key_values,
+                        use_cache=True)
+        out.append(tokens)
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def first_divergence(got: list[int], want: list[int]) -> int | None:
+    """Index of the first differing token, or None if ``got`` starts with all of ``want``."""
+    for i, w in enumerate(want):
+        if i >= len(got) or got[i] != w:
+            return i
+    return None
+
+
+@contextmanager
+def vllm_server(ckpt: str, bits: int, port: int, extra: list[str], log_path: Path,
+                startup_s: float = 900.0) -> Iterator[str]:
+    """``vllm serve CKPT --quantization bitbybit --bits B`` on 127.0.0.1; yields the base URL; always stops it."""
+    cmd = vllm_command(ckpt, bits, host="127.0.0.1", port=port, served_model_name=MODEL_NAME, extra=extra)
+    print("[e2e] $", " ".join(cmd), flush=True)
+    env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with code {proc.returncode}; log tail:\n{tail(log_path)}")
+            if time.monotonic() - start > startup_s:
+                raise RuntimeError(f"vllm serve not healthy after {startup_s:.0f} s; log tail:\n{tail(log_path)}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        print(f"[e2e] server healthy after {time.monotonic() - start:.1f} s", flush=True)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def tail(path: Path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def check_streaming(client: openai.OpenAI, prompt: str, n_tokens: int) -> dict:
+    """Completions and chat completions, streamed and not, greedy: the streamed text must equal the other."""
+    greedy = {"model": MODEL_NAME, "max_tokens": n_tokens, "temperature": 0.0}
+    plain = client.completions.create(prompt=prompt, **greedy).choices[0].text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(prompt=prompt, stream=True, **greedy)
+                       if c.choices)
+    messages = [{"role": "user", "content": prompt}]
+    chat = client.chat.completions.create(messages=messages, **greedy).choices[0].message.content or ""
+    chat_streamed = "".join(c.choices[0].delta.content or "" for c in
+                            client.chat.completions.create(messages=messages, stream=True, **greedy) if c.choices)
+    return {"completion": plain, "completion_stream_equal": streamed == plain, "chat": chat,
+            "chat_stream_equal": chat_streamed == chat, "ok": bool(plain) and bool(chat) and streamed == plain
+            and chat_streamed == chat}
+
+
+def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Namespace, log_dir: Path) -> dict:
+    """Reference vs vLLM at one precision."""
+    tokenizer = load_tokenizer(ckpt)
+    prompt_ids = [tokenizer(p).input_ids for p in prompts]
+    dtype = getattr(torch, args.dtype)
+    t0 = time.monotonic()
+    want = reference_tokens(ckpt, bits, prompt_ids, args.tokens, dtype, args.device)
+    print(f"[e2e] W{bits}: reference tokens in {time.monotonic() - t0:.1f} s", flush=True)
+    extra = ["--dtype", args.dtype, *args.vllm_args]
+    with vllm_server(ckpt, bits, args.port, extra, log_dir / f"vllm-w{bits}.log") as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        rows = []
+        for prompt, ids, ref in zip(prompts, prompt_ids, want, strict=True):
+            choice = client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=args.tokens, temperature=0.0,
+                                               extra_body={"return_token_ids": True, "ignore_eos": True}).choices[0]
+            got = list(choice.model_extra["token_ids"])
+            div = first_divergence(got, ref)
+            rows.append({"prompt": prompt, "first_divergence": div, "reference": ref, "vllm": got})
+            print(f"[e2e] W{bits} {'identical' if div is None else f'diverges at {div:2d}'}: {prompt[:60]!r}",
+                  flush=True)
+        streaming = check_streaming(client, prompts[0], args.tokens)
+    identical = sum(r["first_divergence"] is None for r in rows)
+    return {"bits": bits, "identical": identical, "prompts": rows, "streaming": streaming,
+            "pass": identical >= args.min_identical and streaming["ok"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ckpt", required=True, help="bitbybit checkpoint directory (python -m qat.run)")
+    ap.add_argument("--bits", help="comma-separated precisions (default: the checkpoint's trained set)")
+    ap.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per prompt")
+    ap.add_argument("--min-identical", type=int, default=14, help="prompts that must match for --tokens tokens")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                    help="activation dtype of both vLLM and the reference")
+    ap.add_argument("--device", default="cuda", help="device of the reference model")
+    ap.add_argument("--port", type=int, default=8011)
+    ap.add_argument("--heldout", type=Path, default=HELDOUT)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "vllm-e2e.json")
+    ap.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: flags passed on to vllm serve")
+    args = ap.parse_args()
+    args.vllm_args = [a for a in args.vllm_args if a != "--"]
+    bits = [int(b) for b in args.bits.split(",")] if args.bits else sorted(read_quant_config(args.ckpt).trained_bits)
+    prompts = heldout_prompts(args.heldout)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = [run_precision(args.ckpt, b, prompts, args, args.out.parent) for b in bits]
+    summary = {"ckpt": args.ckpt, "command": " ".join(sys.argv), "tokens": args.tokens, "dtype": args.dtype,
+               "vllm_args": args.vllm_args, "results": results, "pass": all(r["pass"] for r in results)}
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    for r in results:
+        print(f"[e2e] W{r['bits']}: {r['identical']}/16 identical for {args.tokens} tokens, streaming "
+              f"{'ok' if r['streaming']['ok'] else 'FAILED'} -> {'PASS' if r['pass'] else 'FAIL'}")
+    print(f"[e2e] {'PASS' if summary['pass'] else 'FAIL'}; results in {args.out}")
+    sys.exit(0 if summary["pass"] else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The CPU-checkable parts of the GPU scripts (scripts/vllm_e2e.py, scripts/vllm_bench.py)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("vllm", reason="vLLM is not installed (`make install` adds its CPU build)")
+
+import torch  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+
+from bitbybit_vllm.config import BITS_ENV  # noqa: E402
+from kernels.qmodel import load_quantized  # noqa: E402
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+e2e = load_script("vllm_e2e")
+bench = load_script("vllm_bench")
+
+
+def test_sixteen_heldout_prompts_two_per_book():
+    if not e2e.HELDOUT.is_file():
+        pytest.skip(f"{e2e.HELDOUT} is absent (it is present in CI)")
+    prompts = e2e.heldout_prompts()
+    assert len(set(prompts)) == 16
+    assert all(e2e.MIN_SENTENCE_CHARS <= len(p) <= e2e.MAX_PROMPT_CHARS for p in prompts)
+    assert "The Cratylus has always been a source of perplexity to the student of Plato." in prompts
+
+
+def test_first_sentence_skips_abbreviations():
+    text = "The Rev. Septimus Harding was a clergyman of the town of Barchester. He had a daughter."
+    assert e2e.first_sentence(text) == "The Rev. Septimus Harding was a clergyman of the town of Barchester."
+
+
+def test_first_divergence():
+    assert e2e.first_divergence([1, 2, 3, 4], [1, 2, 3]) is None
+    assert e2e.first_divergence([1, 9, 3], [1, 2, 3]) == 1
+    assert e2e.first_divergence([1], [1, 2]) == 1
+
+
+def test_reference_tokens_are_greedy_generation(stories_rtn_ckpt):
+    """The e2e reference loop (KV cache, EOS ignored) equals transformers' greedy generate."""
+    ckpt = str(stories_rtn_ckpt)
+    ids = [[1, 403, 407, 261, 372], [1, 320, 263]]
+    got = e2e.reference_tokens(ckpt, 2, ids, 12, torch.float32, "cpu")
+    model, _, _ = load_quantized(ckpt, bits=2)
+    for prompt, tokens in zip(ids, got, strict=True):
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+        assert out[0, len(prompt):].tolist() == tokens
+
+
+def test_bench_model_dir_is_a_bitbybit_llama_2_7b(tmp_path, monkeypatch, vllm_cpu):
+    monkeypatch.setenv(BITS_ENV, "4")
+    model = bench.write_model_dir(tmp_path, quantized=True)
+    config = EngineArgs(model=str(model), load_format="dummy", skip_tokenizer_init=True).create_engine_config()
+    assert config.model_config.quantization == "bitbybit" and config.quant_config.bits == 4
+    assert config.model_config.get_hidden_size() == 4096
+    assert "quantization_config" not in json.loads((bench.write_model_dir(tmp_path, False) / "config.json").read_text())
