@@ -45,6 +45,7 @@ from serve.vllm_launch import vllm_command
 
 HELDOUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gutenberg-sample" / "heldout.txt"
 MODEL_NAME = "e2e"
+VLLM_DEFAULTS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
 MIN_PROSE_CHARS = 200
 MIN_SENTENCE_CHARS = 40
 MAX_PROMPT_CHARS = 300
@@ -171,7 +172,7 @@ def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Names
     t0 = time.monotonic()
     want = reference_tokens(ckpt, bits, prompt_ids, args.tokens, dtype, args.device)
     print(f"[e2e] W{bits}: reference tokens in {time.monotonic() - t0:.1f} s", flush=True)
-    extra = ["--dtype", args.dtype, *args.vllm_args]
+    extra = [*VLLM_DEFAULTS, "--dtype", args.dtype, *args.vllm_args]
     with vllm_server(ckpt, bits, args.port, extra, log_dir / f"vllm-w{bits}.log") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         rows = []
@@ -201,7 +202,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8011)
     ap.add_argument("--heldout", type=Path, default=HELDOUT)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "vllm-e2e.json")
-    ap.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: flags passed on to vllm serve")
+    ap.add_argument("vllm_args", nargs=argparse.REMAINDER,
+                    help=f"after --: flags passed on to vllm serve (after the defaults {' '.join(VLLM_DEFAULTS)})")
     args = ap.parse_args()
     args.vllm_args = [a for a in args.vllm_args if a != "--"]
     bits = [int(b) for b in args.bits.split(",")] if args.bits else sorted(read_quant_config(args.ckpt).trained_bits)
