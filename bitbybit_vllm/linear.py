@@ -110,16 +110,15 @@ class BitbybitLinearMethod(LinearMethodBase):
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
         gs = self.config.quant.group_size
         slots = 0 if self.split_index is None else self.split_index.numel()
-        tp_size = input_size // input_size_per_partition
+        k_shards = input_size // input_size_per_partition  # > 1 only for a row-parallel layer at TP > 1
+        rank = layer.tp_rank if k_shards > 1 else 0
         weight_loader = extra_weight_attrs["weight_loader"]
         rank_groups = None
-        if tp_size > 1:
-            name = "/".join(self.modules)
-            check_row_shard(input_size, slots, self.segments, gs, tp_size, name=name)
-            rank_groups = row_shard_groups(input_size, slots, self.segments, gs, layer.tp_rank, tp_size)
+        if k_shards > 1:
+            check_row_shard(input_size, slots, self.segments, gs, k_shards, name="/".join(self.modules))
+            rank_groups = row_shard_groups(input_size, slots, self.segments, gs, rank, k_shards)
         self.in_features = input_size_per_partition
-        self.local_split_index = row_shard_split_index(self.split_index, input_size, self.segments,
-                                                       layer.tp_rank if tp_size > 1 else 0, tp_size)
+        self.local_split_index = row_shard_split_index(self.split_index, input_size, self.segments, rank, k_shards)
         local_slots = 0 if self.local_split_index is None else self.local_split_index.numel()
         kq = quantized_width(input_size_per_partition, local_slots, gs)
         n = sum(output_partition_sizes)
