@@ -136,7 +136,8 @@ def layer_tensors(prefix: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
         f"{prefix}.row_scale": qw.row_scale.float().contiguous(),
     }
     if qw.split_index is not None and qw.split_index.numel():
-        out[f"{prefix}.split_index"] = qw.split_index.to(torch.int32).contiguous()
+        # q/k/v (and gate/up) share one split set; safetensors refuses tensors that share storage.
+        out[f"{prefix}.split_index"] = qw.split_index.to(torch.int32).clone()
     return out
 
 
