@@ -54,6 +54,17 @@ def test_chat_uses_the_checkpoints_template(cpu_server, stories_rtn_ckpt) -> Non
     assert r.usage.prompt_tokens == len(tokenizer(text, add_special_tokens=False).input_ids)
 
 
+def test_chat_accepts_content_parts_and_the_developer_role(cpu_server) -> None:
+    c = client(cpu_server(bits=8))
+    plain = c.chat.completions.create(model="stories", max_tokens=8, temperature=0, messages=[
+        {"role": "system", "content": "Be kind."}, {"role": "user", "content": "Hi there"}])
+    parts = c.chat.completions.create(model="stories", max_tokens=8, temperature=0, messages=[
+        {"role": "developer", "content": "Be kind."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
 @pytest.mark.parametrize("bits", [8, 4, 3, 2])
 def test_greedy_equals_transformers_generate_on_dequantized_weights(cpu_server, stories_rtn_ckpt, bits) -> None:
     """Independent path: the checkpoint's W{b} weights dequantized into a plain float HF model (W{b}A16)."""
