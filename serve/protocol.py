@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import invalid, unsupported
 
@@ -40,6 +40,12 @@ class _Common(BaseModel):
     user: str | None = None
 
     DEFAULT_MAX_TOKENS: ClassVar[int | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """A field sent as JSON null takes its default, as in OpenAI's API."""
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens

@@ -106,6 +106,15 @@ def test_missing_fields_and_unknown_routes(cpu_server) -> None:
     assert r.status_code == 405 and "error" in r.json()
 
 
+def test_null_fields_take_their_defaults(cpu_server) -> None:
+    body = {"model": "stories", "prompt": PROMPT, "max_tokens": 3, "temperature": None, "top_p": None, "n": None,
+            "stop": None, "stream": None, "logprobs": None}
+    r = httpx.post(f"{cpu_server()}/v1/completions", json=body)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+    r = httpx.post(f"{cpu_server()}/v1/completions", json={**body, "model": None})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "model"
+
+
 def test_server_still_serves_after_bad_input(cpu_server) -> None:
     url = cpu_server()
     for body in (b"{", b"null", b'{"model": "stories", "prompt": {"x": 1}}'):
