@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import os
 import signal
@@ -99,6 +100,14 @@ def test_bad_command_lines_exit_with_a_message(stories_rtn_ckpt, capsys, args, m
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+async def concurrent_statuses(url: str, n: int) -> list[int]:
+    """Send ``n`` long completions at once; their HTTP statuses."""
+    body = {"model": "s", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}
+    async with httpx.AsyncClient(timeout=60) as c:
+        replies = await asyncio.gather(*(c.post(f"{url}/v1/completions", json=body) for _ in range(n)))
+    return [r.status_code for r in replies]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,9 +115,11 @@ def free_port() -> int:
 
 
 def test_python_m_serve_runs_the_cpu_fallback(stories_rtn_ckpt) -> None:
+    """The real process: CPU fallback named in the first log line, answers, a small --max-queue gives 503s."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "serve", str(stories_rtn_ckpt), "--bits", "4", "--port", str(port),
-                             "--threads", "1", "--served-model-name", "s", "--enforce-eager"],
+                             "--threads", "1", "--served-model-name", "s", "--max-queue", "1", "--max-batch", "1",
+                             "--enforce-eager"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     try:
         first = proc.stderr.readline()
@@ -124,6 +135,8 @@ def test_python_m_serve_runs_the_cpu_fallback(stories_rtn_ckpt) -> None:
         r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=30,
                        json={"model": "s", "prompt": "Once upon a time", "max_tokens": 4})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        statuses = asyncio.run(concurrent_statuses(f"http://127.0.0.1:{port}", 6))
+        assert 1 <= statuses.count(200) <= 2 and statuses.count(503) == 6 - statuses.count(200), statuses
     finally:
         proc.send_signal(signal.SIGINT)
         try:
