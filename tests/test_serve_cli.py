@@ -102,7 +102,7 @@ def test_bad_command_lines_exit_with_a_message(stories_rtn_ckpt, capsys, args, m
 
 async def concurrent_statuses(url: str, n: int) -> list[int]:
     """Send ``n`` long completions at once; their HTTP statuses."""
-    body = {"model": "s", "prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}
+    body = {"model": "s", "prompt": "Once upon a time", "max_tokens": 100, "temperature": 0}
     async with httpx.AsyncClient(timeout=60) as c:
         replies = await asyncio.gather(*(c.post(f"{url}/v1/completions", json=body) for _ in range(n)))
     return [r.status_code for r in replies]
