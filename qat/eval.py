@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from kernels.checkpoint import read_quant_config
 from kernels.qmodel import load_quantized, set_act_bits
 
 from .data import DATA_PARTS, read_text, text_part, token_stream
@@ -190,9 +191,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fp", default=None, help="full-precision model for the FP row (default: the checkpoint's source)")
     ap.add_argument("--no-fp", action="store_true", help="skip the FP row")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (tiny models run fastest with 1)")
     ap.add_argument("--out", default=None, help="directory for the JSON + markdown (default: CKPT/eval)")
     args = ap.parse_args(argv)
-    from kernels.checkpoint import read_quant_config
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     qc = read_quant_config(args.checkpoint)
     bits = args.bits or sorted(qc.trained_bits, reverse=True)

@@ -61,7 +61,7 @@ def checkpoint_tensors(model: PreTrainedModel, layers: Mapping[str, QuantizedWei
     for name, qw in layers.items():
         if qw.out_features != modules[name].out_features or qw.in_features != modules[name].in_features:
             raise ValueError(f"{name}: quantized shape [{qw.out_features}, {qw.in_features}] does not match the model")
-        out.update({k: v.cpu() for k, v in layer_tensors(name, qw).items()})
+        out.update({k: v.detach().cpu().clone() for k, v in layer_tensors(name, qw).items()})
     skip = {f"{n}.weight" for n in layers}
     if model.config.tie_word_embeddings:
         skip.add("lm_head.weight")

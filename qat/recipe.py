@@ -64,6 +64,7 @@ class Recipe:
     weight_decay: float = 0.0
     block_input: str = "quantized"  # quantized: the quantized prefix's outputs; fp: the teacher's
     device: str = "auto"  # auto | cpu | cuda[:i]
+    threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest for tiny models
     # evaluation after export (python -m qat.eval with these settings)
     eval: bool = True
     eval_data: str | None = None  # text file; None: the held-out part of calib_data

@@ -29,7 +29,8 @@ from kernels.checkpoint import QuantConfig
 
 from .blockwise import quantize_blocks
 from .data import calibration_windows, read_text, split_text, token_stream
-from .eval import EvalSettings, evaluate, save_table, to_markdown
+from .demo import DEMO_RECIPE, demo_paths, prepare_demo
+from .eval import EvalSettings, evaluate, parse_bits, save_table, to_markdown
 from .export import export_checkpoint
 from .models import check_model_source, load_teacher
 from .recipe import METHODS, Recipe, build_recipe, read_recipe_file
@@ -86,16 +87,19 @@ class RunSummary:
 def run(recipe: Recipe, command: str = "") -> RunSummary:
     """Quantize (and train) per the recipe, export the checkpoint, evaluate it."""
     device = resolve_device(recipe.device)
+    if recipe.threads:
+        torch.set_num_threads(recipe.threads)
     autocast = device.type == "cuda"
     run_dir = Path(recipe.run_dir) if recipe.run_dir else default_run_dir(recipe)
-    if recipe.model is None:
-        from .demo import prepare_demo
-
-        teacher_dir, corpus = prepare_demo(run_dir, device)
+    demo = recipe.model is None
+    if demo:
+        teacher_dir, corpus = demo_paths(run_dir)
         recipe = replace(recipe, model=str(teacher_dir), calib_data=recipe.calib_data or str(corpus))
-    check_model_source(recipe.model)
     recipe = replace(recipe, run_dir=str(run_dir))
     rd = RunDir(run_dir, recipe)
+    if demo:
+        prepare_demo(run_dir, device)
+    check_model_source(recipe.model)
     log.info(f"run directory {run_dir}; recipe in {run_dir / 'recipe.json'}")
     source_dtype = getattr(AutoConfig.from_pretrained(recipe.model), "dtype", None) or torch.float32
     source_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype
@@ -160,12 +164,6 @@ def eval_settings(recipe: Recipe, device: torch.device) -> EvalSettings:
                         None, recipe.eval_max_tokens, str(device))
 
 
-def _bits(text: str) -> list[int]:
-    from .eval import parse_bits
-
-    return parse_bits(text)
-
-
 def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     """(recipe file values, CLI overrides, names given on the command line)."""
     ap = argparse.ArgumentParser(prog="python -m qat.run", description=__doc__.split("\n\n")[0],
@@ -182,7 +180,7 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--n-val", dest="n_val", type=int)
     ap.add_argument("--seq-len", dest="seq_len", type=int)
     ap.add_argument("--seed", type=int)
-    ap.add_argument("--bits", type=_bits, help="trained precisions, e.g. 8,4,3,2")
+    ap.add_argument("--bits", type=parse_bits, help="trained precisions, e.g. 8,4,3,2")
     ap.add_argument("--default-bits", dest="default_bits", type=int)
     ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
     ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
@@ -198,12 +196,16 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--weight-decay", dest="weight_decay", type=float)
     ap.add_argument("--block-input", dest="block_input", choices=("quantized", "fp"))
     ap.add_argument("--device", help="auto, cpu or cuda")
+    ap.add_argument("--threads", type=int, help="CPU threads for torch (tiny models run fastest with 1)")
     ap.add_argument("--eval-data", dest="eval_data")
     ap.add_argument("--eval-ctx", dest="eval_ctx", type=int)
     ap.add_argument("--eval-max-tokens", dest="eval_max_tokens", type=int)
     ap.add_argument("--no-eval", dest="eval", action="store_const", const=False)
     args = vars(ap.parse_args(argv))
-    file_values = read_recipe_file(args.pop("recipe")) if args.get("recipe") else {}
+    if args.get("recipe"):
+        file_values = read_recipe_file(args["recipe"])
+    else:
+        file_values = DEMO_RECIPE if args.get("model") is None else {}
     known = {f.name for f in fields(Recipe)}
     overrides = {k: v for k, v in args.items() if k in known}
     given = set(file_values) | {k for k, v in overrides.items() if v is not None}

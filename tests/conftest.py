@@ -36,6 +36,31 @@ def stories_hf(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return convert(src / "stories260K.bin", src / "tok512.bin", tmp_path_factory.mktemp("stories260K-hf"))
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 3-layer Llama (hidden 64, MLP 96) with a BPE tokenizer, and ``corpus.txt`` beside it.
+
+    Needs no shared data: for QAT/export mechanics, not quality.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qat.corpus import demo_corpus
+    from qat.demo import train_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny-llama")
+    text = demo_corpus(400)
+    (root / "corpus.txt").write_text(text)
+    tokenizer = train_tokenizer(text)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                         tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model_dir = root / "model"
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return model_dir
+
+
 # --- a real checkpoint: stories260K converted to HF and exported RTN with split channels (no training) ---
 
 @pytest.fixture(scope="session")
