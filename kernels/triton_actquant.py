@@ -69,7 +69,7 @@ def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zer
     xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
     kmask = k < Kq
     tl.store(xq_ptr + m * stride_qm + k, tl.reshape(xq, (BKQ,)).to(xq_ptr.dtype.element_ty), mask=kmask)
-    tl.store(ts_ptr + m, ts / XQ_MUL)
+    tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
     if WRITE_CODES:
         tl.store(codes_ptr + m * stride_qm + k, tl.reshape(code, (BKQ,)).to(tl.uint8), mask=kmask)
         g = tl.arange(0, NG)

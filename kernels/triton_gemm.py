@@ -1,11 +1,14 @@
 """W{b}A16 (and, on quantized activations, W{b}A{a}) linear on tensor cores, any M.
 
 Each program owns a ``BM x BN`` output tile (optionally one of ``SPLIT_K`` slices of K) and per
-``BK`` step dequantizes a ``BK x BN`` weight tile in registers into the activation dtype, then
-``tl.dot`` (HMMA / wgmma). The packed words are read K-major (contiguous along N) and unpacked
-as ``[slot, word row, column]`` so every thread keeps whole words; a permute + reshape puts the
-codes in natural K order without moving data. ``row_scale`` (and the token scale of quantized
-activations) is applied once per output in the epilogue.
+``BK`` step dequantizes a ``BN x BK`` weight tile in registers into the activation dtype. The
+product is computed transposed, ``acc[BN, BM] += W_tile @ x_tile^T``: the dequantized weights
+are the register operand (wgmma's A may come from registers, so the next tile's dequantization
+overlaps the running wgmma) and the activations the shared-memory operand, which also fits
+decode sizes (BM = 16 is wgmma's N). The packed words are read K-major (contiguous along N)
+and unpacked as ``[slot, word row, column]`` so every thread keeps whole words; a permute +
+reshape puts the codes in natural K order without moving data. ``row_scale`` (and the token
+scale of quantized activations) is applied once per output in the epilogue.
 """
 
 from __future__ import annotations
@@ -31,7 +34,12 @@ def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn
                  P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                  S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, BK: tl.constexpr,
                  OP_DTYPE: tl.constexpr):
-    """Weight tile ``[BK, BN]`` for K columns ``k0..k0+BK`` as ``(code - zero_b) * e4m3 / 256`` in ``OP_DTYPE``."""
+    """Weight tile ``[BN, BK]`` for K columns ``k0..k0+BK``: ``(code - zero_b) * e4m3 / 256`` in ``OP_DTYPE``.
+
+    Single-plane codes (2, 4, 8 bits) skip the integer-to-float conversion: a rotate puts the
+    code at the top of the mantissa of 1.0, giving ``v = 1 + q / 2^P``, and one FFMA forms
+    ``v * C - D = q * c - zero_b * c`` with ``C = c * 2^P`` and ``D = C + zero_b * c`` (exact in fp32).
+    """
     SL0: tl.constexpr = 32 // P0
     BKW: tl.constexpr = BK // SL0
     w = tl.arange(0, BKW)[None, :, None]
@@ -41,16 +49,23 @@ def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn
     row = k0 // SL0 + w
     rmask = (row < Kq // SL0) & nmask
     words = tl.load(w_ptr + row * stride_ww + n * stride_wn, mask=rmask, other=0).to(tl.uint32, bitcast=True)
-    q = ((words >> (i * P0).to(tl.uint32)) & ((1 << P0) - 1)) << S0
-    if P1 > 0:
-        q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R1, k0, SL0 * w + i, n, nmask, Kq, P1, S1)
-    if P2 > 0:
-        q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R2, k0, SL0 * w + i, n, nmask, Kq, P2, S2)
     poffs = (k0 // 32 + w // P0) * stride_sg + n * stride_sn
     c = e4m3_scaled(tl.load(s_ptr + poffs, mask=rmask, other=0))
-    zb = (tl.load(z_ptr + poffs, mask=rmask, other=0).to(tl.float32) - ZOFF) * ZMUL
-    b = ((q.to(tl.float32) - zb) * c).to(OP_DTYPE)
-    return tl.reshape(tl.permute(b, (1, 0, 2)), (BK, cols.shape[0]))
+    zc = (tl.load(z_ptr + poffs, mask=rmask, other=0).to(tl.float32) - ZOFF) * ZMUL * c
+    if P1 == 0:
+        top: tl.constexpr = 23 - P0  # a plane's codes start at bit P0*i, never at `top` (P0 in 2, 4, 8)
+        r = ((top + 32 - P0 * i) % 32).to(tl.uint32)
+        rotated = (words << r) | (words >> (32 - r))
+        v = ((rotated & (((1 << P0) - 1) << top)) | 0x3F800000).to(tl.float32, bitcast=True)
+        C = c * (1 << P0)
+        b = v * C - (C + zc)
+    else:
+        q = ((words >> (i * P0).to(tl.uint32)) & ((1 << P0) - 1)) << S0
+        q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R1, k0, SL0 * w + i, n, nmask, Kq, P1, S1)
+        if P2 > 0:
+            q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R2, k0, SL0 * w + i, n, nmask, Kq, P2, S2)
+        b = q.to(tl.float32) * c - zc
+    return tl.reshape(tl.permute(b.to(OP_DTYPE), (2, 1, 0)), (cols.shape[0], BK))
 
 
 @triton.jit
@@ -76,13 +91,30 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
     op_dtype = x_ptr.dtype.element_ty
     n_tiles = tl.cdiv(Kq, BK)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
-    acc = tl.zeros([BM, BN], tl.float32)
+    acc = tl.zeros([BN, BM], tl.float32)
     for kt in range(pid_k * per_split, tl.minimum(n_tiles, (pid_k + 1) * per_split)):
         k0 = kt * BK
         a = load_act(x_ptr, stride_xm, rows[:, None], k0 + tl.arange(0, BK)[None, :], M, K, Kp, Kq, split_ptr,
                      HAS_SPLIT)
-        b = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
+        w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
                          P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, op_dtype)
-        acc = tl.dot(a, b, acc)
-    finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
+        acc = tl.dot(w, tl.trans(a), acc)
+    finish(tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
            pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
+
+
+@triton.jit
+def dequant_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, Kq, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2,
+                   P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
+                   S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
+                   BN: tl.constexpr, BK: tl.constexpr):
+    """The dense weight ``out [N, Kq] = W_b`` (row scale included) for large-M calls; grid (cdiv(N, BN), cdiv(Kq, BK))."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cmask = cols < N
+    k0 = tl.program_id(1) * BK
+    w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
+                     P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, tl.float32)
+    w = w * (tl.load(rs_ptr + cols, mask=cmask, other=0.0) * COL_MULT)[:, None]
+    ks = k0 + tl.arange(0, BK)
+    tl.store(out_ptr + cols[:, None] * Kq + ks[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=cmask[:, None] & (ks < Kq)[None, :])

@@ -27,8 +27,9 @@ import triton
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
 from .triton_actquant import actquant_kernel
-from .triton_gemm import gemm_kernel
-from .triton_gemv import gemv_kernel
+from .split import expand_input
+from .triton_gemm import dequant_kernel, gemm_kernel
+from .triton_gemv import MAGIC_BITS, gemv_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
@@ -36,7 +37,13 @@ COUNTERS = 1 << 16  # split-K output tiles one launch may use
 
 @dataclass(frozen=True)
 class Config:
-    """A launch configuration. ``kernel`` is ``"gemv"`` (block_m <= 2, block_k = groups per step) or ``"gemm"``."""
+    """A launch configuration.
+
+    ``kernel``: ``"gemv"`` (CUDA cores, M <= 2; block_k = groups per step), ``"gemm"`` (fused
+    dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
+    dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
+    GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it).
+    """
 
     kernel: str
     block_m: int
@@ -67,18 +74,25 @@ def table_key(bits: int, kq: int, n: int, m: int) -> str:
 
 
 def default_config(m: int, n: int, kq: int) -> Config:
-    """The rule for shapes the table does not list: GEMV for decode, split-K tensor-core tiles in between."""
+    """The rule for shapes the table does not list (fitted to the tuned H200 entries).
+
+    GEMV for one or two tokens, split along K 16 ways; split-K tensor-core tiles up to 64
+    tokens with enough programs for two per SM; the fused tensor-core GEMM at 65..127 tokens;
+    dequantize-then-cuBLAS from 128 tokens, where the GEMM is compute-bound.
+    """
     sms = 132
     if m <= 2:
-        return Config("gemv", m, 8, 128, split_k=1 if n >= 8 * sms * 2 else 4, num_warps=4)
+        split = max(1, min(16, kq // (32 * 4)))
+        return Config("gemv", m, 256, 4 if m == 1 else 8, split_k=split, num_warps=4 if m == 1 else 8)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
-        tiles = triton.cdiv(n, 64)
-        split = max(1, min(8, (2 * sms) // tiles, kq // 1024))
-        return Config("gemm", bm, 64, 256, split_k=split, num_warps=4, num_stages=2)
-    if m <= 256:
+        split = 1
+        while triton.cdiv(n, 64) * split < 2 * sms and kq // (128 * split) >= 4 and split < 32:
+            split *= 2
+        return Config("gemm", bm, 64, 128, split_k=split, num_warps=4, num_stages=3)
+    if m < 128:
         return Config("gemm", 64, 128, 64, num_warps=4, num_stages=3)
-    return Config("gemm", 128, 128, 64, num_warps=8, num_stages=3)
+    return Config("dense", 0, 32, 128, num_warps=4) if m <= 256 else Config("dense", 0, 64, 64, num_warps=4)
 
 
 def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
@@ -119,6 +133,9 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return y
     cfg = config or choose_config(bits, m, n, kq)
+    if cfg.kernel == "dense":
+        return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+                             in_features, cfg, y)
     if cfg.kernel == "gemv" and m > 2:
         raise ValueError(f"the GEMV kernel takes at most 2 rows, got {m}")
     mult = 2 ** (master_bits - bits)
@@ -141,12 +158,34 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if zu8.stride() != su8.stride():
         raise ValueError("scales and zeros must share one memory layout")
     if cfg.kernel == "gemv":
-        gemv_kernel[grid](*args, r1, r2, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n,
+        gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n,
+                          EVEN_K=in_features == kq,
                           num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
+
+
+def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+                  in_features, cfg, y):
+    """``y = x_expanded @ W_b^T`` through a transient dense copy of the weight (in ``y``'s dtype) and cuBLAS."""
+    n, g = scales.shape
+    kq = g * GROUP_SIZE
+    mult = 2 ** (master_bits - bits)
+    w = torch.empty(n, kq, dtype=y.dtype, device=x.device)
+    consts = plane_args(bits, kq)
+    r1, r2 = consts.pop("R1"), consts.pop("R2")
+    su8 = scales.view(torch.uint8)
+    dequant_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(kq, cfg.block_k))](
+        packed, su8, zeros, row_scale, w, n, kq, packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0),
+        r1, r2, **consts, ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult, BN=cfg.block_n,
+        BK=cfg.block_k, num_warps=cfg.num_warps)
+    xe = x if token_scale is None else x.float() * token_scale[:, None]
+    xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != kq else xe).to(y.dtype)
+    if bias is None:
+        return torch.mm(xe, w.T, out=y)
+    return torch.addmm(bias.to(y.dtype), xe, w.T, out=y)
 
 
 def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int,

@@ -135,3 +135,15 @@ else:
             fq, fts = torch.ops.bitbybit.quantize_act(fx, fargs[-1], 4)
         assert fy.shape == (7, lay.out_features) and fy.dtype == torch.bfloat16
         assert fq.shape == (7, 128) and fq.dtype == torch.float16 and fts.shape == (7,)
+
+    @pytest.mark.parametrize("bits", [2, 3])
+    def test_dense_path_matches_reference(bits):
+        lay = layer(bits, seed=20 + bits)
+        x = torch.randn(3, K, dtype=torch.float16)
+        bias = torch.randn(lay.out_features, dtype=torch.float16)
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits, bias=bias.double())
+        assert rel_err(run(x, lay, Config("dense", 0, 16, 32), torch.float16, bias=bias), ref) < TOL[torch.float16]
+        xq, ts = launch_actquant(x, lay.split_index, 4)
+        out = run(xq, lay, Config("dense", 0, 16, 32), torch.float16, token_scale=ts, split=False,
+                  in_features=xq.shape[1])
+        assert rel_err(out, linear_wa(x.double(), lay.to_quantized_weight(), bits, 4)) < TOL[torch.float16]

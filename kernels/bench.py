@@ -1,0 +1,299 @@
+"""Kernel benchmark on a CUDA GPU: ``python -m kernels.bench`` (see docs/BENCHMARKS.md for the numbers).
+
+For every Llama linear shape (K x N) and token count M it times, in the same run, the bitbybit
+kernels and ``torch.nn.functional.linear`` in bf16, each as CUDA-graph replays of one call per
+weight copy; the copies are rotated (enough of them to exceed the L2 several times) so no
+kernel reads its weights from cache. Bandwidth is reported as a percentage of a device-to-device
+copy measured in the same run, counting the bytes the op must move (packed weights, scales,
+zero points and row scales, activations in, output out).
+
+Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
+"speedup", "bw_pct", "config", "copy_tbps"}``) and prints a markdown table. ``--tune`` first picks, per shape,
+the fastest of a few kernel configurations and writes ``kernels/triton_table.json``; ``--sass``
+prints the compiler report (registers, spills, instruction mix of the main loop) of every
+kernel variant that ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from .grid import quantize_weight
+from .ops import PackedLinear, pack_linear
+from .triton_actquant import actquant_kernel
+from .triton_gemm import gemm_kernel
+from .triton_gemv import gemv_kernel
+from .triton_ops import TABLE, Config, choose_config, launch_actquant, launch_linear, save_table, table_key
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
+          (28672, 8192)]
+MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
+KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]
+QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
+QUICK_MS = [1, 16, 64, 1024]
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
+
+
+def graph_time_us(calls: list, trials: int = 7, min_ms: float = 20.0) -> float:
+    """Median time per call (µs) of CUDA-graph replays of ``calls`` (run once each, in order)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in calls:  # warm up: compile, allocate, fill the counters
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in calls:
+            f()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
+    times = []
+    for _ in range(trials):
+        start.record()
+        for _ in range(reps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
+    return statistics.median(times)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + bytes written) of a 2 GiB ``copy_``.
+
+    Timed with events on the stream, not in a graph: a captured copy becomes a memcpy node that
+    the copy engines serve, about a third slower than the SM copy kernel.
+    """
+    src = torch.empty(1 << 29, dtype=torch.float32, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(12):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return 2 * src.numel() * 4 / statistics.median(times[2:])
+
+
+def copies_for(bytes_each: int) -> int:
+    """Weight copies to rotate so one pass reads at least three L2 capacities."""
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, min(64, math.ceil(3 * l2 / bytes_each)))
+
+
+def packed_bytes(layer: PackedLinear) -> int:
+    return sum(t.numel() * t.element_size() for t in (layer.packed, layer.scales, layer.zeros, layer.row_scale))
+
+
+def make_layers(k: int, n: int, bits: int, count: int) -> list[PackedLinear]:
+    """``count`` packed layers (different random weights) at ``bits``, one master quantization reused."""
+    w = torch.randn(n, k, device="cuda") * 0.02
+    layers = []
+    for i in range(count):
+        qw = quantize_weight(w if i == 0 else w.roll(i, 0))
+        layers.append(pack_linear(qw, bits))
+    return layers
+
+
+def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config | None, act_bits: int | None):
+    if act_bits is None:
+        return lambda: launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None,
+                                     layer.bits, 8, layer.in_features, x.dtype, cfg, out)
+
+    def call():
+        xq, ts = launch_actquant(x, None, act_bits)
+        launch_linear(xq, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, None, layer.bits, 8,
+                      xq.shape[1], x.dtype, cfg, out)
+    return call
+
+
+def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None, act_bits: int | None,
+                **timing) -> float:
+    out = torch.empty(x.shape[0], layers[0].out_features, dtype=x.dtype, device="cuda")
+    return graph_time_us([linear_call(layer, x, out, cfg, act_bits) for layer in layers], **timing)
+
+
+def candidates(m: int) -> list[Config]:
+    """Configurations ``--tune`` tries for M tokens."""
+    if m <= 2:
+        return [Config("gemv", m, bn, bg, split_k=s, num_warps=w)
+                for bn, bg, w in ((256, 4, 4), (512, 4, 4), (128, 4, 4), (256, 8, 8)) for s in (8, 16, 32, 64)]
+    if m <= 64:
+        bm = max(16, 1 << (m - 1).bit_length())
+        return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
+                 for bn in (32, 64, 128) for bk in (128, 256) for s in (4, 8, 16, 32)]
+                + [Config("gemm", bm, 128, 128, split_k=s, num_warps=8, num_stages=3) for s in (4, 8, 16)])
+    return ([Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
+             for bm, bn, bk, w in ((64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8))
+             if bm <= max(64, m)]
+            + [Config("dense", 0, bn, bk, num_warps=4) for bn, bk in ((64, 64), (32, 128))])
+
+
+def tune(shapes, ms, bits_list, budget_s: float) -> None:
+    """Time :func:`candidates` per (bits, shape, M bucket) and save the winners into the table."""
+    t_end = time.monotonic() + budget_s
+    for bits in bits_list:
+        for k, n in shapes:
+            layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
+            for m in ms:
+                if time.monotonic() > t_end:
+                    print(f"tuning budget spent; {table_key(bits, k, n, m)} and later keep the default rule")
+                    return
+                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+                timed = []
+                for cfg in candidates(m):
+                    try:
+                        timed.append((time_kernel(layers, x, cfg, None, trials=3, min_ms=5.0), cfg))
+                    except Exception as e:  # a configuration that does not compile (e.g. out of shared memory)
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                best_us, best = min(timed, key=lambda t: t[0])
+                TABLE[table_key(bits, k, n, m)] = best
+                save_table(TABLE)
+                print(f"tuned {table_key(bits, k, n, m)}: {best_us:.1f} us {best}", flush=True)
+            del layers
+            torch.cuda.empty_cache()
+
+
+def bench(shapes, ms, kernels, bw: float) -> list[dict]:
+    """Time every kernel and bf16 at every (shape, M); returns the records."""
+    records = []
+    for k, n in shapes:
+        w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(n * k * 2))]
+        bits_needed = sorted({int(re.match(r"w(\d)", kn).group(1)) for kn in kernels if kn.startswith("w")})
+        layers = {b: make_layers(k, n, b, copies_for(n * k * b // 8)) for b in bits_needed}
+        for m in ms:
+            x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+            y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+            bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16])
+            io = 2 * m * k + 2 * m * n
+            for name in kernels:
+                if name.startswith("actquant"):
+                    bits = int(name[len("actquant"):])
+                    xs = [x] + [torch.randn_like(x) for _ in range(copies_for(2 * m * k) - 1)]
+                    us = graph_time_us([lambda xi=xi: launch_actquant(xi, None, bits) for xi in xs])
+                    nbytes, cfg = 2 * m * k + 2 * m * k + 4 * m, None
+                else:
+                    wb, ab = (int(v) for v in re.match(r"w(\d)a(\d+)", name).groups())
+                    act = None if ab == 16 else ab
+                    us = time_kernel(layers[wb], x, None, act)
+                    nbytes, cfg = packed_bytes(layers[wb][0]) + io, choose_config(wb, m, n, k)
+                rec = dict(kernel=name, K=k, N=n, M=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
+                           speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),
+                           config=None if cfg is None else cfg.__dict__)
+                records.append(rec)
+                print(f"{name:9s} K={k:5d} N={n:5d} M={m:4d}  {us:8.1f} us  bf16 {bf16_us:8.1f} us  "
+                      f"x{rec['speedup']:5.2f}  {rec['bw_pct']:5.1f}% bw", flush=True)
+        del w16, layers
+        torch.cuda.empty_cache()
+    return records
+
+
+def markdown(records: list[dict]) -> str:
+    """One table per kernel: rows K x N, columns M, cells 'speedup (bw%)'."""
+    out = []
+    for name in dict.fromkeys(r["kernel"] for r in records):
+        rows = [r for r in records if r["kernel"] == name]
+        ms = sorted({r["M"] for r in rows})
+        out.append(f"\n**{name}**: speedup over bf16 `F.linear` (% of copy bandwidth)\n")
+        out.append("| K x N | " + " | ".join(f"M={m}" for m in ms) + " |")
+        out.append("|---|" + "---|" * len(ms))
+        for k, n in dict.fromkeys((r["K"], r["N"]) for r in rows):
+            cells = {r["M"]: f"{r['speedup']:.2f} ({r['bw_pct']:.0f}%)" for r in rows if (r["K"], r["N"]) == (k, n)}
+            out.append(f"| {k} x {n} | " + " | ".join(cells.get(m, "") for m in ms) + " |")
+    return "\n".join(out)
+
+
+def _loop_mix(sass: str) -> tuple[int, Counter]:
+    """Instruction mix of the largest backward-branch loop of a SASS listing."""
+    lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
+    best: list[str] = []
+    for l, a in zip(lines, addr):
+        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", l)
+        if m and int(m.group(1), 16) < a:
+            body = [x for x, b in zip(lines, addr) if int(m.group(1), 16) <= b <= a]
+            best = max(best, body, key=len)
+    ops = Counter()
+    for l in best:
+        t = l.split()[1]
+        t = l.split()[2] if t.startswith("@") else t
+        ops[t.rstrip(";")] += 1
+    return len(best), ops
+
+
+def sass_report() -> list[dict]:
+    """Registers, spills, shared memory and main-loop instruction mix of every compiled kernel variant."""
+    report = []
+    for fn in (gemv_kernel, gemm_kernel, actquant_kernel):
+        for caches in fn.device_caches.values():
+            for key, kernel in caches[0].items():
+                with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                    f.write(kernel.asm["cubin"])
+                    f.flush()
+                    sass = subprocess.run(["cuobjdump", "-sass", f.name], capture_output=True, text=True).stdout
+                n, ops = _loop_mix(sass)
+                report.append(dict(kernel=fn.__name__, key=str(key), num_warps=kernel.metadata.num_warps,
+                                   num_stages=kernel.metadata.num_stages, regs=kernel.n_regs,
+                                   spills=kernel.n_spills, shared=kernel.metadata.shared,
+                                   loop_instructions=n, loop_mix=dict(ops.most_common(16))))
+    return report
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    return [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_MS}")
+    ap.add_argument("--shapes", type=parse_shapes, help="comma-separated KxN, e.g. 8192x8192,4096x14336")
+    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], help="comma-separated token counts")
+    ap.add_argument("--kernels", type=lambda s: s.split(","), default=KERNELS, help=",".join(KERNELS))
+    ap.add_argument("--tune", action="store_true", help="tune W2/W4 configs first and save kernels/triton_table.json")
+    ap.add_argument("--tune-budget", type=float, default=300.0, help="seconds of tuning at most")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--append", action="store_true", help="merge into --out (same kernel/K/N/M replaced)")
+    ap.add_argument("--sass", type=Path, help="write the compiler report of the kernels that ran here (JSON)")
+    args = ap.parse_args()
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    ms = args.ms or (QUICK_MS if args.quick else MS)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}", flush=True)
+    if args.tune:
+        tune(shapes, ms, [2, 4], args.tune_budget)
+    bw = copy_bandwidth()
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
+    records = bench(shapes, ms, args.kernels, bw)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for rec in records:
+        rec["copy_tbps"] = round(bw / 1e12, 3)
+    if args.append and args.out.exists():
+        fresh = {(r["kernel"], r["K"], r["N"], r["M"]) for r in records}
+        records = [r for r in json.loads(args.out.read_text()) if (r["kernel"], r["K"], r["N"], r["M"]) not in fresh] + records
+    args.out.write_text(json.dumps(records, indent=1) + "\n")
+    print(markdown(records))
+    if args.sass:
+        args.sass.write_text(json.dumps(sass_report(), indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

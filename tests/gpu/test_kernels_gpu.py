@@ -1,0 +1,139 @@
+"""The Triton kernels on a CUDA GPU at every benchmark shape, against float64 references of the same quantized values.
+
+Run on the device machine: ``python -m pytest -m gpu tests/gpu``. Every check draws fresh random
+inputs (seeded per case), poisons the output with NaN first and requires
+``||out - ref|| / ||ref|| <= 1e-2``. Activations are quantized for the references on the CPU:
+PyTorch's CUDA division by a scalar multiplies by its reciprocal, so the reference ops on a
+GPU can round a scale differently from the format's definition (IEEE division, as on the CPU).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from kernels.actquant import dequantize_activations, quantize_activations
+from kernels.bench import MS, SHAPES
+from kernels.grid import dequantize, quantize_weight
+from kernels.ops import linear, pack_linear
+from kernels.split import expand_input, quantize_split_weight, split_region_index
+from kernels.triton_ops import launch_actquant, launch_linear
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def gen(*key) -> torch.Generator:
+    return torch.Generator(device="cuda").manual_seed(zlib.crc32(repr(key).encode()))
+
+
+def make_layer(k: int, n: int, bits: int, g: torch.Generator, split_index: torch.Tensor | None = None):
+    w = torch.randn(n, k, device="cuda", generator=g) * (0.5 + torch.rand(n, 1, device="cuda", generator=g))
+    qw = quantize_weight(w) if split_index is None else quantize_split_weight(w, split_index.cuda())
+    return pack_linear(qw, bits)
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+
+
+def check_wa16(layer, m: int, dtype: torch.dtype, g: torch.Generator) -> None:
+    x = torch.randn(m, layer.in_features, device="cuda", generator=g).to(dtype)
+    out = poisoned(m, layer.out_features, dtype)
+    launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, layer.split_index, None, None,
+                  layer.bits, layer.master_bits, layer.in_features, dtype, out=out)
+    assert not out.isnan().any(), f"M={m}: output not fully written"
+    w = dequantize(layer.to_quantized_weight(), layer.bits, dtype=torch.float64)
+    ref = expand_input(x.double(), layer.split_index, 32) @ w.T
+    err = rel_err(out, ref)
+    assert err <= 1e-2, f"M={m} {dtype}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bits, dtype, ms", [(2, torch.bfloat16, MS), (4, torch.float16, [1, 2, 16, 64, 1024]),
+                                             (3, torch.bfloat16, [1, 16, 1024]), (8, torch.bfloat16, [1, 16, 1024])])
+def test_wa16_every_shape(k, n, bits, dtype, ms):
+    layer = make_layer(k, n, bits, gen(k, n, bits))
+    for m in ms:
+        check_wa16(layer, m, dtype, gen(k, n, bits, m))
+
+
+@pytest.mark.parametrize("k, n", SHAPES)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_wa_every_shape(k, n, bits):
+    layer = make_layer(k, n, bits, gen("a", k, n, bits))
+    w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
+    for m in (1, 2, 16, 256, 4096):
+        x = torch.randn(m, k, device="cuda", generator=gen("a", k, n, bits, m)).to(torch.bfloat16)
+        xq, ts = launch_actquant(x, None, bits)
+        out = poisoned(m, n, torch.bfloat16)
+        launch_linear(xq, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, None, bits, 8, k,
+                      torch.bfloat16, out=out)
+        assert not out.isnan().any()
+        ref = dequantize_activations(quantize_activations(x.cpu(), bits), torch.float64).cuda() @ w.T
+        err = rel_err(out, ref)
+        assert err <= 1e-2, f"W{bits}A{bits} M={m}: rel err {err:.2e}"
+
+
+@pytest.mark.parametrize("k", sorted({k for k, _ in SHAPES}))
+@pytest.mark.parametrize("act_bits", [2, 4, 8])
+def test_actquant_bit_exact(k, act_bits):
+    idx = split_region_index(list(range(0, k, 97)), k, 32, segments=2).cuda()
+    for m in (1, 300):
+        x = torch.randn(m, k, device="cuda", generator=gen("q", k, act_bits, m)) * 3
+        x[0, :64] = 0.0
+        x = x.to(torch.bfloat16)
+        xq, ts, codes, scales, zeros = launch_actquant(x, idx, act_bits, write_codes=True)
+        ref = quantize_activations(x.cpu(), act_bits, idx.cpu())
+        xq, ts, codes, scales, zeros = (t.cpu() for t in (xq, ts, codes, scales, zeros))
+        assert torch.equal(codes, ref.codes) and torch.equal(zeros, ref.zeros)
+        assert torch.equal(scales, ref.scales.view(torch.uint8))
+        assert torch.equal(ts * 2.0**-act_bits, ref.token_scale)
+        deq = dequantize_activations(ref, torch.float64)
+        assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
+
+
+@pytest.mark.parametrize("act_bits", [None, 2])
+def test_split_channels_and_bias_through_ops_linear(act_bits):
+    k, n = 4096, 1024
+    idx = split_region_index(list(range(5, k, 61)), k, 32, segments=4)
+    layer = make_layer(k, n, 2, gen("s", act_bits), idx)
+    qw = layer.to_quantized_weight()
+    bias = torch.randn(n, device="cuda", generator=gen("b")).to(torch.bfloat16)
+    w = dequantize(qw, 2, dtype=torch.float64)
+    for m in (1, 7, 200):
+        x = torch.randn(m, k, device="cuda", generator=gen("s", act_bits, m)).to(torch.bfloat16)
+        out = linear(x, layer, act_bits, bias)
+        if act_bits is None:
+            ref = expand_input(x.double(), idx.cuda(), 32) @ w.T + bias.double()
+        else:
+            ref = dequantize_activations(quantize_activations(x.cpu(), act_bits, idx), torch.float64).cuda() @ w.T
+            ref = ref + bias.double()
+        assert out.dtype == torch.bfloat16 and not out.isnan().any()
+        assert rel_err(out, ref) <= 1e-2
+
+
+def test_cuda_graph_and_torch_compile():
+    layer = make_layer(4096, 4096, 2, gen("g"))
+    x = torch.randn(4, 4096, device="cuda", generator=gen("g", 1)).to(torch.bfloat16)
+
+    def f(inp):
+        return linear(inp, layer) + linear(inp, layer, act_bits=2)
+
+    eager = f(x)
+    compiled = torch.compile(f, fullgraph=True)
+    assert torch.equal(compiled(x), eager)
+    static_x = x.clone()
+    f(static_x)  # warm up outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = f(static_x)
+    fresh = torch.randn(4, 4096, device="cuda", generator=gen("g", 2)).to(torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    assert torch.equal(static_out, f(fresh))
