@@ -145,8 +145,10 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
 
 def method_label(recipe: Recipe) -> str:
     """The results-table name of what this recipe trains."""
-    if recipe.method in ("rtn", "direct"):
-        return "rtn" if recipe.method == "rtn" else "direct-qat"
+    if recipe.method == "rtn":
+        return "rtn-split" if recipe.split else "rtn"
+    if recipe.method == "direct":
+        return "direct-qat"
     if not recipe.split:
         return "no-split"
     if not recipe.progressive:
@@ -164,10 +166,18 @@ def eval_settings(recipe: Recipe, device: torch.device) -> EvalSettings:
                         None, recipe.eval_max_tokens, str(device))
 
 
+def parse_loss_weights(text: str) -> dict[str, float]:
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item.strip()]
+        return {name.strip(): float(value) for name, value in pairs}
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid loss weights {text!r}: use e.g. w8a16=10,w4a16=3") from None
+
+
 def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     """(recipe file values, CLI overrides, names given on the command line)."""
     ap = argparse.ArgumentParser(prog="python -m qat.run", description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 epilog="Flags left out take the recipe file's value, else qat.recipe.Recipe's default.")
     ap.add_argument("--recipe", help="TOML recipe file (recipes/*.toml); flags override it")
     ap.add_argument("--model", help="HF model directory or hub id (default: the embedded demo teacher)")
     ap.add_argument("--method", choices=METHODS)
@@ -184,6 +194,8 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--default-bits", dest="default_bits", type=int)
     ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
     ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
+    ap.add_argument("--loss-weights", dest="loss_weights", type=parse_loss_weights,
+                    help="per-target loss weights, e.g. w8a16=10,w4a16=3 (others 1)")
     ap.add_argument("--no-split", dest="split", action="store_const", const=False)
     ap.add_argument("--split", dest="split", action="store_const", const=True, help="split (also for rtn)")
     ap.add_argument("--split-ratio-first", dest="split_ratio_first", type=float)
