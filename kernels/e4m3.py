@@ -19,6 +19,16 @@ _E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN in the fn variant
 ALL_ZERO_ROW_SCALE = 2.0**-100  # an all-zero row's factor: its grid reconstructs ~1e-32, i.e. zero
 
 
+def exact_divisor(value: float, like: torch.Tensor) -> torch.Tensor:
+    """A Python number as a 0-d tensor on ``like``'s device, so that dividing by it is IEEE division.
+
+    PyTorch's CUDA kernels turn ``tensor / python_number`` into a multiplication by the
+    reciprocal, which rounds differently from the CPU; the format must give the same codes on
+    every device.
+    """
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
 def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
     """Round positive values up to the nearest E4M3 value; returns ``torch.float8_e4m3fn``.
 
@@ -64,7 +74,7 @@ def split_row_scale(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if (scales < 0).any():
         raise ValueError("split_row_scale: group scales must not be negative")
-    row_scale = scales.amax(dim=-1) / E4M3_MAX
+    row_scale = scales.amax(dim=-1) / exact_divisor(E4M3_MAX, scales)
     row_scale = torch.where(row_scale > 0, row_scale, torch.full_like(row_scale, ALL_ZERO_ROW_SCALE))
     ratio = (scales / row_scale.unsqueeze(-1)).clamp(E4M3_MIN_SUBNORMAL, E4M3_MAX)
     return encode_e4m3(ratio), row_scale.float()

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .e4m3 import decode_e4m3, split_row_scale
+from .e4m3 import decode_e4m3, exact_divisor, split_row_scale
 
 MASTER_BITS = 8
 GROUP_SIZE = 32
@@ -110,10 +110,10 @@ def group_grid(x: torch.Tensor, group_size: int, bits: int, symmetric: bool = Fa
     if symmetric:
         if bits < 2:
             raise ValueError("symmetric grids need at least 2 bits")
-        raw = g.abs().amax(-1) / (2 ** (bits - 1) - 1)
+        raw = g.abs().amax(-1) / exact_divisor(2 ** (bits - 1) - 1, g)
     else:
         lo = g.amin(-1).clamp(max=0)
-        raw = (g.amax(-1).clamp(min=0) - lo) / qmax
+        raw = (g.amax(-1).clamp(min=0) - lo) / exact_divisor(qmax, g)
     scales, row_scale = split_row_scale(raw)
     step = decode_e4m3(scales) * row_scale.unsqueeze(-1)
     if symmetric:
