@@ -29,7 +29,6 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
     pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vLLM"),
     pytest.mark.skipif(not CKPT, reason="set BITBYBIT_SERVE_CKPT to a bitbybit checkpoint directory"),
-    pytest.mark.skipif(importlib.util.find_spec("openai") is None, reason="needs the openai client"),
 ]
 
 
