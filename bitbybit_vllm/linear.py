@@ -65,7 +65,7 @@ class SplitIndexParameter(BasevLLMParameter):
         super().__init__(**kwargs)
 
     def _check_and_load(self, loaded_weight: torch.Tensor) -> None:
-        if not torch.equal(loaded_weight.to(torch.int32).cpu(), self.expected):
+        if not torch.equal(loaded_weight.to(torch.int32).cpu(), self.expected.cpu()):
             raise ValueError(f"{self.layer_name}: split_index in the safetensors disagrees with config.json's splits")
         self.data.copy_(loaded_weight)
 
