@@ -69,16 +69,31 @@ def markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def per_run_markdown(doc: dict) -> str:
+    """One line per run (named by its directory), for sweeps of one method's settings."""
+    header = "| run | " + " | ".join(f"W{w}A{a}" for w, a in COLUMNS) + " | train s |"
+    lines = [header, "|---" * (len(COLUMNS) + 2) + "|"]
+    for e in doc["runs"]:
+        cells = []
+        for w, a in COLUMNS:
+            hit = [r["ppl"] for r in doc["rows"] if r["run_dir"] == e["run_dir"] and r["method"] != "fp"
+                   and r["w_bits"] == w and r["a_bits"] == a]
+            cells.append(f"{hit[0]:.3f}" if hit else "")
+        lines.append(f"| {Path(e['run_dir']).name} | " + " | ".join(cells) + f" | {e['train_seconds']} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m qat.results", description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dirs", nargs="+", type=Path)
     ap.add_argument("--model", required=True, help="model name for the document, e.g. stories260K")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    ap.add_argument("--per-run", action="store_true", help="one table line per run instead of per method")
     args = ap.parse_args(argv)
     doc = collect(args.model, args.run_dirs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=2) + "\n")
-    print(markdown(doc))
+    print(per_run_markdown(doc) if args.per_run else markdown(doc))
     for e in doc["runs"]:
         print(f"- {e['method']} ({e['train_seconds']} s, peak {e['peak_memory_mib']} MiB): `{e['command']}`")
 

@@ -84,6 +84,41 @@ class RunSummary:
     eval_rows: list[dict]
 
 
+def source_dtype(model: str) -> torch.dtype:
+    """The dtype the source model is stored in (unquantized tensors are exported in it)."""
+    dtype = getattr(AutoConfig.from_pretrained(model), "dtype", None) or torch.float32
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+
+
+def calibration_sequences(recipe: Recipe, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training and validation windows from the training part of the calibration text (none for plain RTN)."""
+    if not (recipe.trained or recipe.split):
+        empty = torch.empty(0, recipe.seq_len, dtype=torch.long)
+        return empty, empty
+    if not recipe.calib_data:
+        raise ValueError("this method needs calibration text: pass --calib-data FILE")
+    train_text, _ = split_text(read_text(recipe.calib_data), recipe.heldout_fraction)
+    stream = token_stream(tokenizer, train_text)
+    train_ids, val_ids = calibration_windows(stream, recipe.n_train, recipe.n_val, recipe.seq_len, recipe.seed)
+    log.info(f"data: {recipe.calib_data}, training part {stream.numel()} tokens -> {recipe.n_train} training + "
+             f"{recipe.n_val} validation sequences of {recipe.seq_len}")
+    return train_ids, val_ids
+
+
+def evaluate_run(recipe: Recipe, checkpoint: Path, run_dir: Path, device: torch.device, command: str) -> list[dict]:
+    """The PPL table of the exported checkpoint, saved under ``run_dir/eval`` (skipped without text)."""
+    if not recipe.eval:
+        return []
+    if not (recipe.eval_data or recipe.calib_data):
+        log.info("no evaluation text (--eval-data or --calib-data): perplexity table skipped")
+        return []
+    table = evaluate(checkpoint, sorted(recipe.bits, reverse=True), recipe.act_bits, eval_settings(recipe, device))
+    table.command = command
+    save_table(table, run_dir / "eval")
+    log.info("\n" + to_markdown(table))
+    return table.rows
+
+
 def run(recipe: Recipe, command: str = "") -> RunSummary:
     """Quantize (and train) per the recipe, export the checkpoint, evaluate it."""
     device = resolve_device(recipe.device)
@@ -101,24 +136,14 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
         prepare_demo(run_dir, device)
     check_model_source(recipe.model)
     log.info(f"run directory {run_dir}; recipe in {run_dir / 'recipe.json'}")
-    source_dtype = getattr(AutoConfig.from_pretrained(recipe.model), "dtype", None) or torch.float32
-    source_dtype = getattr(torch, source_dtype) if isinstance(source_dtype, str) else source_dtype
     teacher, tokenizer = load_teacher(recipe.model, device, torch.bfloat16 if autocast else torch.float32)
-    train_ids = val_ids = torch.empty(0, recipe.seq_len, dtype=torch.long)
-    if recipe.trained or recipe.split:
-        if not recipe.calib_data:
-            raise ValueError("this method needs calibration text: pass --calib-data FILE")
-        train_text, _ = split_text(read_text(recipe.calib_data), recipe.heldout_fraction)
-        stream = token_stream(tokenizer, train_text)
-        train_ids, val_ids = calibration_windows(stream, recipe.n_train, recipe.n_val, recipe.seq_len, recipe.seed)
-        log.info(f"data: {recipe.calib_data}, training part {stream.numel()} tokens -> {recipe.n_train} training + "
-                 f"{recipe.n_val} validation sequences of {recipe.seq_len}")
+    train_ids, val_ids = calibration_sequences(recipe, tokenizer)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     torch.manual_seed(recipe.seed)
     start = time.perf_counter()
     result = quantize_blocks(teacher, recipe, rd, train_ids, val_ids, autocast)
-    train_seconds = sum(m.get("seconds", 0.0) for m in result.metrics) if result.metrics else time.perf_counter() - start
+    train_seconds = sum(m["seconds"] for m in result.metrics) if result.metrics else time.perf_counter() - start
     peak = peak_memory_bytes(device)
     qc = QuantConfig(trained_bits=sorted(recipe.bits, reverse=True), default_bits=recipe.default_bits or recipe.lowest_bits,
                      act_bits=recipe.act_bits or 16, split_bits=recipe.split_bits or recipe.lowest_bits)
@@ -126,19 +151,10 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     info = {"source_model": str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
             "method": method_label(recipe), "recipe": recipe.to_dict(), "command": command,
             "train_seconds": train_seconds, "peak_memory_bytes": peak, "device": str(device)}
-    teacher = teacher.to(source_dtype)
-    export_checkpoint(teacher, tokenizer, result.layers, qc, output, result.segments, info)
+    export_checkpoint(teacher.to(source_dtype(recipe.model)), tokenizer, result.layers, qc, output,
+                      result.segments, info)
     log.info(f"exported {output} (training {train_seconds:.1f}s, peak memory {peak / 2**20:.0f} MiB)")
-    rows = []
-    if recipe.eval and not (recipe.eval_data or recipe.calib_data):
-        log.info("no evaluation text (--eval-data or --calib-data): perplexity table skipped")
-    elif recipe.eval:
-        table = evaluate(output, sorted(recipe.bits, reverse=True), recipe.act_bits, eval_settings(recipe, device))
-        table.command = command
-        save_table(table, run_dir / "eval")
-        log.info("\n" + to_markdown(table))
-        rows = table.rows
-    summary = RunSummary(str(output), train_seconds, peak, rows)
+    summary = RunSummary(str(output), train_seconds, peak, evaluate_run(recipe, output, run_dir, device, command))
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
     return summary
 
