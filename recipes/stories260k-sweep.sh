@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The tuning sweep behind the stories260K recipe's choices (docs/RESULTS.md, "How the recipe was chosen"):
 # learning rate, per-precision loss weights, and what feeds each block. Smaller than the table's runs
-# (128 training sequences, no W2A2 stage); validation-free choices are read off the held-out PPL of
-# this small tiny-model sweep and say so. Run from the repository root after stories260k-table.sh.
+# (128 training sequences, no W2A2 stage); the choices were read off the held-out PPL of this small
+# sweep on a tiny model. Run from the repository root after stories260k-table.sh.
 set -euo pipefail
 PY=${PYTHON:-.venv/bin/python}
 OUT=runs/stories260K-sweep

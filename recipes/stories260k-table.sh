@@ -19,5 +19,6 @@ done
 $RUN --run-dir $OUT/rtn-split --method rtn --split              # splitting alone, no training
 $RUN --run-dir $OUT/bitbybit-fp-input --block-input fp          # blocks fed the teacher's activations
 $RUN --run-dir $OUT/bitbybit-equal-weights --loss-weights w8a16=1,w4a16=1
+$RUN --run-dir $OUT/bitbybit-w8x30 --loss-weights w8a16=30,w4a16=3
 $PY -m qat.results --model stories260K --out docs/results/qat-stories260K.json \
     $OUT/rtn $OUT/direct-w8 $OUT/direct-w4 $OUT/direct-w3 $OUT/direct-w2 $OUT/bitbybit $OUT/no-split $OUT/no-progressive
