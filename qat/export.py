@@ -9,7 +9,8 @@ Layout (DESIGN.md "The checkpoint", tensor names from :mod:`kernels.checkpoint`)
   the tensors of :func:`kernels.checkpoint.layer_tensors` (master codes, E4M3 scales, zero points,
   row scales, split index) and its float bias if any; every other tensor (embeddings, norms,
   lm_head) as it is in the model. No float copy of a quantized weight is written;
-- the tokenizer files and generation_config.json; ``bitbybit_run.json`` names the source model.
+- the source's tokenizer files, copied byte for byte, and generation_config.json;
+  ``bitbybit_run.json`` names the source model and the run.
 
 Chat template: when the tokenizer has none, :data:`PLAIN_CHAT_TEMPLATE` is added. It renders each
 message as ``"<Role>: <content>"`` followed by a blank line, after one BOS token, and with
@@ -20,6 +21,7 @@ were not trained on it; it exists so that chat endpoints work out of the box.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -31,6 +33,8 @@ from kernels.checkpoint import QuantConfig, layer_tensors
 from kernels.grid import QuantizedWeight
 
 SHARD_BYTES = 4 * 2**30
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
 RUN_INFO_FILE = "bitbybit_run.json"
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}"
@@ -95,8 +99,17 @@ def save_tensors(tensors: dict[str, torch.Tensor], out_dir: Path) -> None:
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
-    """Copy the tokenizer, adding the plain chat template when it has none."""
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path, source_dir: Path | None = None) -> None:
+    """Copy the source's tokenizer files byte for byte (else save ``tokenizer``), adding the plain chat
+    template when it has none. Copying keeps the tokenizer class and options the source chose."""
+    files = [source_dir / f for f in TOKENIZER_FILES] if source_dir is not None else []
+    files = [f for f in files if f.is_file()]
+    if any(f.name in ("tokenizer.json", "tokenizer.model") for f in files):
+        for f in files:
+            shutil.copyfile(f, out_dir / f.name)
+        if not getattr(tokenizer, "chat_template", None):
+            (out_dir / "chat_template.jinja").write_text(PLAIN_CHAT_TEMPLATE)
+        return
     if not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
@@ -104,8 +117,12 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: Path) -> None:
 
 def export_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                       layers: Mapping[str, QuantizedWeight], quant_config: QuantConfig, out_dir: str | Path,
-                      segments: Mapping[str, int] | None = None, run_info: Mapping | None = None) -> Path:
-    """Write the checkpoint of ``model`` with ``layers`` (HF module name -> master-code weight) quantized."""
+                      segments: Mapping[str, int] | None = None, run_info: Mapping | None = None,
+                      tokenizer_source: str | Path | None = None) -> Path:
+    """Write the checkpoint of ``model`` with ``layers`` (HF module name -> master-code weight) quantized.
+
+    ``tokenizer_source``: the source model's directory, whose tokenizer files are copied as they are.
+    """
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         if not (out / "config.json").is_file():
@@ -122,6 +139,6 @@ def export_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)
-    save_tokenizer(tokenizer, out)
+    save_tokenizer(tokenizer, out, Path(tokenizer_source) if tokenizer_source else None)
     (out / RUN_INFO_FILE).write_text(json.dumps(dict(run_info or {}), indent=2) + "\n")
     return out

@@ -151,8 +151,9 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     info = {"source_model": str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
             "method": method_label(recipe), "recipe": recipe.to_dict(), "command": command,
             "train_seconds": train_seconds, "peak_memory_bytes": peak, "device": str(device)}
+    tokenizer_source = recipe.model if Path(recipe.model).is_dir() else None
     export_checkpoint(teacher.to(source_dtype(recipe.model)), tokenizer, result.layers, qc, output,
-                      result.segments, info)
+                      result.segments, info, tokenizer_source)
     log.info(f"exported {output} (training {train_seconds:.1f}s, peak memory {peak / 2**20:.0f} MiB)")
     summary = RunSummary(str(output), train_seconds, peak, evaluate_run(recipe, output, run_dir, device, command))
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
