@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qat.data import split_text, text_part
-from qat.eval import EvalSettings, evaluate, main, perplexity
+from qat.eval import main, perplexity
 
 
 @pytest.fixture(autouse=True)
