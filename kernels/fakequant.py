@@ -46,6 +46,7 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(split_weight(w, split_index.to(w.device), split_step, group_size))
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
         self.register_buffer("split_index", split_index.to(torch.int32).to(w.device))
+        self._split_index_cpu = split_index.to(torch.int32).cpu()  # the format code's checks read it on the host
         self.bits: int | None = None
         self.act_bits: int | None = None
         self._cache: tuple[int, torch.Tensor, QuantizedWeight] | None = None
@@ -59,7 +60,7 @@ class FakeQuantLinear(nn.Module):
         w = self.weight
         if self._cache is None or self._cache[0] != w._version or self._cache[1] is not w:
             with torch.no_grad():
-                qw = quantize_split_layout(w.detach().float(), self.in_features, self.split_index.cpu(),
+                qw = quantize_split_layout(w.detach().float(), self.in_features, self._split_index_cpu,
                                            self.group_size, self.master_bits)
             self._cache = (w._version, w, qw)
         return self._cache[2]

@@ -75,6 +75,26 @@ def validation_mse(student: nn.Module, inputs: Mapping[Target, torch.Tensor], ta
     return out
 
 
+LOG_EVERY = 25  # steps between reading the losses back from the device (each read waits for it)
+
+
+def _flush_losses(pending: dict[str, list[torch.Tensor]], log: dict[str, list], step: int) -> dict[str, str]:
+    """Move the pending per-step losses (steps ending at ``step``) into ``log`` as ``[step, loss]`` pairs.
+
+    Returns the latest loss of each target, formatted for the progress bar.
+    """
+    latest = {}
+    for name, losses in pending.items():
+        if not losses:
+            continue
+        values = torch.stack(losses).tolist()
+        first = step - len(values)
+        log[name].extend([first + i, v] for i, v in enumerate(values))
+        latest[name] = f"{values[-1]:.3g}"
+        losses.clear()
+    return latest
+
+
 def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor,
                 n_train: int, kwargs: Mapping, recipe: Recipe, block: int, n_blocks: int, autocast: bool
                 ) -> dict:
@@ -100,6 +120,7 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=recipe.lr / 20)
         metrics["stage_starts"].append(step)
         names = ",".join(t.name for t in stage)
+        pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in stage}
         bar = tqdm(total=total, desc=f"block {block + 1}/{n_blocks} stage {s + 1}/{len(stages)} [{names}]",
                    leave=False, dynamic_ncols=True)
         for _ in range(recipe.epochs_per_stage):
@@ -107,20 +128,19 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
             for b in range(steps_per_epoch):
                 idx = perm[b * bs:(b + 1) * bs].to(targets_out.device)
                 opt.zero_grad(set_to_none=True)
-                losses = {}
                 for t in stage:
                     set_target(student, t)
                     with torch.autocast(targets_out.device.type, dtype=torch.bfloat16, enabled=autocast):
                         out = run_block(student, inputs[t][idx], kwargs)
                     loss = F.mse_loss(out.float(), targets_out[idx].float())
                     (recipe.loss_weight(t) * loss).backward()
-                    losses[t.name] = loss.item()
-                    metrics["train"][t.name].append([step, losses[t.name]])
+                    pending[t.name].append(loss.detach())
                 opt.step()
                 sched.step()
                 step += 1
                 bar.update()
-                bar.set_postfix({k: f"{v:.3g}" for k, v in losses.items()})
+                if step % LOG_EVERY == 0 or b + 1 == steps_per_epoch:
+                    bar.set_postfix(_flush_losses(pending, metrics["train"], step))
         bar.close()
         if has_val:
             metrics["val"].append({"stage": names, **validation_mse(student, inputs, targets_out, val_rows, final,

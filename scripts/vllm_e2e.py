@@ -17,7 +17,7 @@ at every precision, and the streaming checks. The prompts: ``heldout.txt`` holds
 book gives two, the first sentence of its first prose paragraph and of its first prose paragraph
 after the book's midpoint.
 
-    python scripts/vllm_e2e.py --ckpt CKPT [--bits 2,4] [--dtype float32] [--out results.json] [-- VLLM FLAGS]
+    python scripts/vllm_e2e.py --ckpt CKPT [--bits 2,4] [--act-bits 2] [--dtype float32] [--out results.json] [-- VLLM FLAGS]
 
 Needs vLLM, a CUDA GPU and this project pip-installed (so that vLLM finds the plugin's entry point).
 """
@@ -82,10 +82,10 @@ def heldout_prompts(path: Path = HELDOUT) -> list[str]:
 
 
 @torch.no_grad()
-def reference_tokens(ckpt: str, bits: int, prompt_ids: list[list[int]], n_tokens: int,
+def reference_tokens(ckpt: str, bits: int, act_bits: int | None, prompt_ids: list[list[int]], n_tokens: int,
                      dtype: torch.dtype, device: str) -> list[list[int]]:
-    """Greedy continuations (EOS ignored) from the project's quantized model at ``bits``."""
-    model, _, _ = load_quantized(ckpt, bits=bits, device=device, dtype=dtype)
+    """Greedy continuations (EOS ignored) from the project's quantized model at W{bits}A{act_bits}."""
+    model, _, _ = load_quantized(ckpt, bits=bits, act_bits=act_bits, device=device, dtype=dtype)
     out = []
     for ids in prompt_ids:
         x = torch.tensor([ids], device=device)
@@ -112,10 +112,11 @@ def first_divergence(got: list[int], want: list[int]) -> int | None:
 
 
 @contextmanager
-def vllm_server(ckpt: str, bits: int, port: int, extra: list[str], log_path: Path,
+def vllm_server(ckpt: str, bits: int, act_bits: int | None, port: int, extra: list[str], log_path: Path,
                 startup_s: float = 900.0) -> Iterator[str]:
-    """``vllm serve CKPT --quantization bitbybit --bits B`` on 127.0.0.1; yields the base URL; always stops it."""
-    cmd = vllm_command(ckpt, bits, host="127.0.0.1", port=port, served_model_name=MODEL_NAME, extra=extra)
+    """``vllm serve CKPT --quantization bitbybit --bits B [--act-bits A]`` on 127.0.0.1; yields the base URL;
+    always stops it."""
+    cmd = vllm_command(ckpt, bits, act_bits, host="127.0.0.1", port=port, served_model_name=MODEL_NAME, extra=extra)
     print("[e2e] $", " ".join(cmd), flush=True)
     env = {**os.environ, "VLLM_USE_FLASHINFER_SAMPLER": os.environ.get("VLLM_USE_FLASHINFER_SAMPLER", "0")}
     with open(log_path, "w") as log:
@@ -164,16 +165,21 @@ def check_streaming(client: openai.OpenAI, prompt: str, n_tokens: int) -> dict:
             and chat_streamed == chat}
 
 
+def precision_name(bits: int, act_bits: int | None) -> str:
+    return f"W{bits}A{act_bits or 16}"
+
+
 def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Namespace, log_dir: Path) -> dict:
-    """Reference vs vLLM at one precision."""
+    """Reference vs vLLM at one precision (weights ``bits``, activations ``args.act_bits``)."""
     tokenizer = load_tokenizer(ckpt)
     prompt_ids = [tokenizer(p).input_ids for p in prompts]
     dtype = getattr(torch, args.dtype)
     t0 = time.monotonic()
-    want = reference_tokens(ckpt, bits, prompt_ids, args.tokens, dtype, args.device)
-    print(f"[e2e] W{bits}: reference tokens in {time.monotonic() - t0:.1f} s", flush=True)
+    name = precision_name(bits, args.act_bits)
+    want = reference_tokens(ckpt, bits, args.act_bits, prompt_ids, args.tokens, dtype, args.device)
+    print(f"[e2e] {name}: reference tokens in {time.monotonic() - t0:.1f} s", flush=True)
     extra = [*VLLM_DEFAULTS, "--dtype", args.dtype, *args.vllm_args]
-    with vllm_server(ckpt, bits, args.port, extra, log_dir / f"vllm-w{bits}.log") as url:
+    with vllm_server(ckpt, bits, args.act_bits, args.port, extra, log_dir / f"vllm-{name}.log") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         rows = []
         for prompt, ids, ref in zip(prompts, prompt_ids, want, strict=True):
@@ -182,18 +188,20 @@ def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Names
             got = list(choice.model_extra["token_ids"])
             div = first_divergence(got, ref)
             rows.append({"prompt": prompt, "first_divergence": div, "reference": ref, "vllm": got})
-            print(f"[e2e] W{bits} {'identical' if div is None else f'diverges at {div:2d}'}: {prompt[:60]!r}",
+            print(f"[e2e] {name} {'identical' if div is None else f'diverges at {div:2d}'}: {prompt[:60]!r}",
                   flush=True)
         streaming = check_streaming(client, prompts[0], args.tokens)
     identical = sum(r["first_divergence"] is None for r in rows)
-    return {"bits": bits, "identical": identical, "prompts": rows, "streaming": streaming,
-            "pass": identical >= args.min_identical and streaming["ok"]}
+    return {"bits": bits, "act_bits": args.act_bits or 16, "identical": identical, "prompts": rows,
+            "streaming": streaming, "pass": identical >= args.min_identical and streaming["ok"]}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--ckpt", required=True, help="bitbybit checkpoint directory (python -m qat.run)")
     ap.add_argument("--bits", help="comma-separated precisions (default: the checkpoint's trained set)")
+    ap.add_argument("--act-bits", type=int, default=None,
+                    help="also quantize activations (W{b}A{a}: vllm serve ... --act-bits A); default A16")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--min-identical", type=int, default=14, help="prompts that must match for --tokens tokens")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
@@ -214,8 +222,9 @@ def main() -> None:
                "vllm_args": args.vllm_args, "results": results, "pass": all(r["pass"] for r in results)}
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     for r in results:
-        print(f"[e2e] W{r['bits']}: {r['identical']}/16 identical for {args.tokens} tokens, streaming "
-              f"{'ok' if r['streaming']['ok'] else 'FAILED'} -> {'PASS' if r['pass'] else 'FAIL'}")
+        streaming = "ok" if r["streaming"]["ok"] else "FAILED"
+        print(f"[e2e] {precision_name(r['bits'], r['act_bits'])}: {r['identical']}/16 identical for {args.tokens} "
+              f"tokens, streaming {streaming} -> {'PASS' if r['pass'] else 'FAIL'}")
     print(f"[e2e] {'PASS' if summary['pass'] else 'FAIL'}; results in {args.out}")
     sys.exit(0 if summary["pass"] else 1)
 
