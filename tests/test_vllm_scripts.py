@@ -50,12 +50,13 @@ def test_first_divergence():
     assert e2e.first_divergence([1], [1, 2]) == 1
 
 
-def test_reference_tokens_are_greedy_generation(stories_rtn_ckpt):
-    """The e2e reference loop (KV cache, EOS ignored) equals transformers' greedy generate."""
+@pytest.mark.parametrize("act_bits", [None, 2])
+def test_reference_tokens_are_greedy_generation(stories_rtn_ckpt, act_bits):
+    """The e2e reference loop (KV cache, EOS ignored) equals transformers' greedy generate, W2A16 and W2A2."""
     ckpt = str(stories_rtn_ckpt)
     ids = [[1, 403, 407, 261, 372], [1, 320, 263]]
-    got = e2e.reference_tokens(ckpt, 2, ids, 12, torch.float32, "cpu")
-    model, _, _ = load_quantized(ckpt, bits=2)
+    got = e2e.reference_tokens(ckpt, 2, act_bits, ids, 12, torch.float32, "cpu")
+    model, _, _ = load_quantized(ckpt, bits=2, act_bits=act_bits)
     for prompt, tokens in zip(ids, got, strict=True):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
         assert out[0, len(prompt):].tolist() == tokens
