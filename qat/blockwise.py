@@ -201,6 +201,8 @@ def quantize_blocks(teacher: PreTrainedModel, recipe: Recipe, run: RunDir, train
             err = check_split_identity(block, student, fp[:bs], kwargs, autocast)
             n_split = {name: int((idx >= 0).sum()) for name, idx in splits.items()}
             metrics = {"block": i, "split_ratio": ratio, "split_channels": n_split, "split_identity_error": err}
+            if quantized_inputs:
+                fp = None  # not read again before the next block (the streams feed training): frees its memory
             if recipe.trained:
                 inputs = streams if quantized_inputs else {t: fp for t in targets}
                 metrics.update(train_block(student, inputs, targets_out, n_train, kwargs, recipe, i, n_blocks,

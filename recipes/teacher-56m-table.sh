@@ -4,9 +4,9 @@
 #   DATA=../shared/data bash recipes/teacher-56m-table.sh
 # DATA holds teacher-56m/ and gutenberg-sample/. Every run uses recipes/teacher-56m.toml (2 epochs
 # per precision stage) and is evaluated on heldout.txt at context 1024. Runs resume from their last
-# finished block if the script is started again. Three lanes run side by side: lane A on GPU 0,
-# lanes B and C on GPU 1 (on GPU 0 after lane A when there is one GPU); a lane's runs go one by
-# one. A run with 5 quantized input streams holds about 75 GB of GPU memory.
+# finished block if the script is started again. Two lanes run side by side, each one run at a time:
+# lane 1 (bitbybit, no-split) on GPU 0, lane 2 (direct QAT, RTN, no-progressive) on GPU 1, or both
+# on GPU 0 when there is one GPU. A run with 5 quantized input streams holds about 60 GB of GPU memory.
 set -euo pipefail
 PY=${PYTHON:-python3}
 DATA=${DATA:-../shared/data}
@@ -25,18 +25,14 @@ run() {  # run NAME GPU [qat.run flags]
     echo "$(date +%T) FAILED $name: see $OUT/$name.log"
   fi
 }
-lane_a() { run bitbybit 0; run no-progressive 0 --no-progressive; }
-lane_b() { run no-split "$1" --no-split; }
-lane_c() {
+lane_1() { run bitbybit "$1"; run no-split "$1" --no-split; }
+lane_2() {
   run direct-w2 "$1" --method direct --bits 2  # stages [w2], [w2, w2a2]
   for b in 8 4 3; do run "direct-w$b" "$1" --method direct --bits "$b" --act-bits 16; done
   run rtn "$1" --method rtn
+  run no-progressive "$1" --no-progressive
 }
-if [ "$NGPU" -ge 2 ]; then
-  lane_a & lane_b 1 & lane_c 1 & wait
-else
-  { lane_a; lane_b 0; } & lane_c 0 & wait
-fi
+lane_1 0 & lane_2 $((NGPU > 1 ? 1 : 0)) & wait
 finished=()
 for name in rtn direct-w8 direct-w4 direct-w3 direct-w2 bitbybit no-split no-progressive; do
   if [ -f "$OUT/$name/summary.json" ]; then finished+=("$OUT/$name"); else echo "missing from the table: $name"; fi
