@@ -10,9 +10,14 @@ int32 [R] (:mod:`kernels.checkpoint`). vLLM's weight_loader_v2 path loads them:
   split segments (:mod:`kernels.shard`);
 - ``split_index`` is checked against config.json's ``splits`` (every rank reads it whole).
 
+A compact single-precision checkpoint (``stored_bits`` B) holds ``P.packed`` int32 [N, Kq*B/32]
+instead of ``P.codes``; it loads the same way (a row-parallel rank repacks its groups,
+:func:`kernels.shard.take_packed_groups`) and serves at B only (other ``--bits`` fail at start-up).
+
 ``process_weights_after_loading`` slices the master codes to the serving precision and packs
-them (:func:`kernels.ops.pack_linear`); the master codes are dropped, so weight memory scales
-with the chosen bits.
+them (:func:`kernels.ops.pack_linear`; compact codes go through
+:func:`kernels.checkpoint.stored_weight` first); the master codes are dropped, so weight memory
+scales with the chosen bits.
 """
 
 from __future__ import annotations
@@ -25,30 +30,35 @@ from torch.nn import Parameter
 from vllm.model_executor.layers.linear import LinearMethodBase
 from vllm.model_executor.parameter import BasevLLMParameter, ChannelQuantScaleParameter, ModelWeightParameter
 
-from kernels.grid import QuantizedWeight
+from kernels.checkpoint import stored_weight
 from kernels.ops import PackedLinear, linear, pack_linear
-from kernels.shard import check_row_shard, row_shard_groups, row_shard_split_index, take_groups
+from kernels.shard import check_row_shard, row_shard_groups, row_shard_split_index, take_groups, take_packed_groups
 from kernels.split import quantized_width
 
 from .config import BitbybitConfig
 
-CHECKPOINT_TENSORS = ("codes", "scales", "zeros", "row_scale", "split_index")
+CHECKPOINT_TENSORS = ("codes", "packed", "scales", "zeros", "row_scale", "split_index")
 
 
 class GroupedWeightParameter(ModelWeightParameter):
     """An [N, Kq]-layout tensor (codes: ``group_width`` = group size; scales, zeros: 1 column per group).
 
     Rows shard like any vLLM weight; a row-parallel rank takes ``rank_groups`` of the K layout
-    (its channels' groups and its split segments) instead of one contiguous slice.
+    (its channels' groups and its split segments) instead of one contiguous slice. ``packed_bits``:
+    the tensor is a compact checkpoint's packed codes of that width (groups are taken unpacked).
     """
 
-    def __init__(self, rank_groups: torch.Tensor | None, group_width: int, **kwargs: Any) -> None:
+    def __init__(self, rank_groups: torch.Tensor | None, group_width: int, packed_bits: int | None = None,
+                 **kwargs: Any) -> None:
         self.rank_groups = rank_groups
         self.group_width = group_width
+        self.packed_bits = packed_bits
         super().__init__(**kwargs)
 
     def load_row_parallel_weight(self, loaded_weight: torch.Tensor) -> None:
-        if self.rank_groups is not None:
+        if self.rank_groups is not None and self.packed_bits is not None:
+            loaded_weight = take_packed_groups(loaded_weight, self.rank_groups, self.packed_bits, self.group_width)
+        elif self.rank_groups is not None:
             loaded_weight = take_groups(loaded_weight, self.rank_groups, self.group_width)
         if loaded_weight.shape != self.data.shape:
             raise ValueError(f"checkpoint tensor of shape {tuple(loaded_weight.shape)} does not fit this rank's "
@@ -108,7 +118,8 @@ class BitbybitLinearMethod(LinearMethodBase):
 
     def create_weights(self, layer: torch.nn.Module, input_size_per_partition: int, output_partition_sizes: list[int],
                        input_size: int, output_size: int, params_dtype: torch.dtype, **extra_weight_attrs: Any) -> None:
-        gs = self.config.quant.group_size
+        quant = self.config.quant
+        gs = quant.group_size
         slots = 0 if self.split_index is None else self.split_index.numel()
         k_shards = input_size // input_size_per_partition  # > 1 only for a row-parallel layer at TP > 1
         rank = layer.tp_rank if k_shards > 1 else 0
@@ -123,12 +134,15 @@ class BitbybitLinearMethod(LinearMethodBase):
         kq = quantized_width(input_size_per_partition, local_slots, gs)
         n = sum(output_partition_sizes)
 
-        def grouped(width: int, dtype: torch.dtype, group_width: int) -> GroupedWeightParameter:
-            return GroupedWeightParameter(rank_groups=rank_groups, group_width=group_width,
+        def grouped(width: int, dtype: torch.dtype, group_width: int,
+                    packed_bits: int | None = None) -> GroupedWeightParameter:
+            return GroupedWeightParameter(rank_groups=rank_groups, group_width=group_width, packed_bits=packed_bits,
                                           data=torch.empty(n, width, dtype=dtype), input_dim=1, output_dim=0,
                                           weight_loader=weight_loader)
 
-        layer.register_parameter("codes", grouped(kq, torch.uint8, gs))
+        codes_dtype, codes_width = quant.stored_codes(kq)
+        layer.register_parameter(quant.codes_suffix, grouped(codes_width, codes_dtype, gs,
+                                                             quant.stored_bits if quant.compact else None))
         layer.register_parameter("scales", grouped(kq // gs, torch.float8_e4m3fn, 1))
         layer.register_parameter("zeros", grouped(kq // gs, torch.uint8, 1))
         layer.register_parameter("row_scale", ChannelQuantScaleParameter(
@@ -140,10 +154,11 @@ class BitbybitLinearMethod(LinearMethodBase):
 
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
         """Slice to the serving precision, pack, and replace the checkpoint tensors by the packed form."""
-        codes = layer.codes.data
+        quant = self.config.quant
+        codes = getattr(layer, quant.codes_suffix).data
         split_index = None if self.local_split_index is None else self.local_split_index.to(codes.device)
-        qw = QuantizedWeight(codes, layer.scales.data, layer.zeros.data, layer.row_scale.data, self.in_features,
-                             self.config.quant.group_size, self.config.quant.master_bits, split_index)
+        qw = stored_weight(codes, layer.scales.data, layer.zeros.data, layer.row_scale.data, self.in_features,
+                           quant, split_index)
         packed = pack_linear(qw, self.config.bits)
         for name in CHECKPOINT_TENSORS:
             if name in layer._parameters:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .grid import check_bits
+from .grid import MASTER_BITS, check_bits
 
 
 def plane_widths(bits: int) -> list[int]:
@@ -69,3 +69,13 @@ def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
         out |= _unpack_plane(packed[:, start:stop], width) << high
         start = stop
     return out.to(torch.uint8)
+
+
+def unpack_to_master(packed: torch.Tensor, bits: int, master_bits: int = MASTER_BITS) -> torch.Tensor:
+    """Packed b-bit codes -> uint8 codes at master positions (``code_b << (master_bits - b)``).
+
+    Slicing the result back to b bits gives the packed codes exactly, so every master-code path
+    (dequantize, pack_linear, the reference ops) serves a compact layer as it serves the full one.
+    """
+    check_bits(bits, master_bits)
+    return unpack_codes(packed, bits) << (master_bits - bits)

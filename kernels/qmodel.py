@@ -141,8 +141,10 @@ def _finish(model: PreTrainedModel, float_tensors: Mapping[str, torch.Tensor], d
     return model.eval()
 
 
-def _quantized_names(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> list[tuple[str, nn.Linear]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and f"{n}.codes" in tensors]
+def _quantized_names(model: nn.Module, tensors: Mapping[str, torch.Tensor],
+                     qc: QuantConfig) -> list[tuple[str, nn.Linear]]:
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and f"{n}.{qc.codes_suffix}" in tensors]
 
 
 def _float_tensors(tensors: Mapping[str, torch.Tensor], quantized: list[str]) -> dict[str, torch.Tensor]:
@@ -169,9 +171,9 @@ def load_quantized(ckpt_dir: str | Path, bits: int | None = None, act_bits: int 
     bits = qc.resolve_bits(bits)
     model = _skeleton(model_config(ckpt_dir), dtype)
     tensors = read_safetensors(ckpt_dir)
-    targets = _quantized_names(model, tensors)
+    targets = _quantized_names(model, tensors, qc)
     if not targets:
-        raise ValueError(f"{ckpt_dir}: no quantized layers found (no '<module>.codes' tensors)")
+        raise ValueError(f"{ckpt_dir}: no quantized layers found (no '<module>.{qc.codes_suffix}' tensors)")
     for name, lin in targets:
         qw = layer_from_tensors(name, tensors, lin.in_features, qc)
         if qw.out_features != lin.out_features:
@@ -190,7 +192,7 @@ def load_dequantized(ckpt_dir: str | Path, bits: int | None = None, dtype: torch
     bits = qc.resolve_bits(bits)
     model = _skeleton(model_config(ckpt_dir), dtype)
     tensors = read_safetensors(ckpt_dir)
-    targets = _quantized_names(model, tensors)
+    targets = _quantized_names(model, tensors, qc)
     float_tensors = _float_tensors(tensors, [n for n, _ in targets])
     for name, lin in targets:
         qw = layer_from_tensors(name, tensors, lin.in_features, qc)

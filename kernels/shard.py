@@ -27,6 +27,7 @@ from dataclasses import replace
 import torch
 
 from .grid import QuantizedWeight, padded_width
+from .packing import pack_codes, unpack_codes
 
 MAX_TP_SIZE = 16
 
@@ -81,6 +82,15 @@ def take_groups(t: torch.Tensor, groups: torch.Tensor, group_width: int) -> torc
     if t.dtype == torch.float8_e4m3fn:
         return t.view(torch.uint8).index_select(1, cols).view(t.dtype)
     return t.index_select(1, cols)
+
+
+def take_packed_groups(packed: torch.Tensor, groups: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """The ``groups`` of a packed b-bit tensor (``int32 [N, Kq*b/32]``, :func:`kernels.packing.pack_codes`), packed.
+
+    A compact checkpoint's codes are bit planes, so a group's words are not one contiguous run;
+    unpacking, taking the groups and repacking is exact.
+    """
+    return pack_codes(take_groups(unpack_codes(packed, bits), groups, group_size), bits)
 
 
 def row_shard_split_index(split_index: torch.Tensor | None, in_features: int, segments: int,

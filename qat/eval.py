@@ -197,12 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    qc = read_quant_config(args.checkpoint)
-    bits = args.bits or sorted(qc.trained_bits, reverse=True)
-    ctx = args.ctx or min(1024, json.loads((Path(args.checkpoint) / "config.json").read_text())
-                          .get("max_position_embeddings", 1024))
-    settings = EvalSettings(args.data, args.data_part, args.heldout_fraction, ctx, args.stride, args.max_tokens, args.device)
-    table = evaluate(args.checkpoint, bits, args.act_bits, settings, args.fp, not args.no_fp)
+    try:
+        qc = read_quant_config(args.checkpoint)
+        bits = args.bits or sorted(qc.trained_bits, reverse=True)
+        ctx = args.ctx or min(1024, json.loads((Path(args.checkpoint) / "config.json").read_text())
+                              .get("max_position_embeddings", 1024))
+        settings = EvalSettings(args.data, args.data_part, args.heldout_fraction, ctx, args.stride, args.max_tokens,
+                                args.device)
+        table = evaluate(args.checkpoint, bits, args.act_bits, settings, args.fp, not args.no_fp)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
     table.command = "python -m qat.eval " + shlex.join(sys.argv[1:] if argv is None else argv)
     js, md = save_table(table, args.out or Path(args.checkpoint) / "eval")
     print(to_markdown(table))

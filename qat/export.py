@@ -7,8 +7,9 @@ Layout (DESIGN.md "The checkpoint", tensor names from :mod:`kernels.checkpoint`)
   known before any weight is read);
 - ``model.safetensors`` (or indexed shards above ``SHARD_BYTES``): for each quantized linear ``P``
   the tensors of :func:`kernels.checkpoint.layer_tensors` (master codes, E4M3 scales, zero points,
-  row scales, split index) and its float bias if any; every other tensor (embeddings, norms,
-  lm_head) as it is in the model. No float copy of a quantized weight is written;
+  row scales, split index; a compact export, ``stored_bits`` B in the config, stores the packed
+  B-bit codes instead of the master codes) and its float bias if any; every other tensor
+  (embeddings, norms, lm_head) as it is in the model. No float copy of a quantized weight is written;
 - the source's tokenizer files, copied byte for byte, and generation_config.json;
   ``bitbybit_run.json`` names the source model and the run.
 
@@ -55,8 +56,10 @@ def quant_config_with_splits(base: QuantConfig, layers: Mapping[str, QuantizedWe
     return QuantConfig.from_dict({**base.to_dict(), "splits": splits})
 
 
-def checkpoint_tensors(model: PreTrainedModel, layers: Mapping[str, QuantizedWeight]) -> dict[str, torch.Tensor]:
-    """Every tensor of the checkpoint: format tensors for quantized layers, the model's own for the rest."""
+def checkpoint_tensors(model: PreTrainedModel, layers: Mapping[str, QuantizedWeight],
+                       stored_bits: int | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint: format tensors for quantized layers (codes at ``stored_bits``,
+    default the master codes), the model's own for the rest."""
     modules = dict(model.named_modules())
     missing = [n for n in layers if n not in modules]
     if missing:
@@ -65,7 +68,7 @@ def checkpoint_tensors(model: PreTrainedModel, layers: Mapping[str, QuantizedWei
     for name, qw in layers.items():
         if qw.out_features != modules[name].out_features or qw.in_features != modules[name].in_features:
             raise ValueError(f"{name}: quantized shape [{qw.out_features}, {qw.in_features}] does not match the model")
-        out.update({k: v.detach().cpu().clone() for k, v in layer_tensors(name, qw).items()})
+        out.update({k: v.detach().cpu().clone() for k, v in layer_tensors(name, qw, stored_bits).items()})
     skip = {f"{n}.weight" for n in layers}
     if model.config.tie_word_embeddings:
         skip.add("lm_head.weight")
@@ -131,7 +134,7 @@ def export_checkpoint(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
             old.unlink()
     out.mkdir(parents=True, exist_ok=True)
     qc = quant_config_with_splits(quant_config, layers, segments or {})
-    save_tensors(checkpoint_tensors(model, layers), out)
+    save_tensors(checkpoint_tensors(model, layers, qc.stored_bits), out)
     model.config.architectures = model.config.architectures or [type(model).__name__]
     model.config.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())

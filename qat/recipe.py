@@ -11,7 +11,7 @@ import tomllib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from kernels.grid import check_bits
+from kernels.grid import MASTER_BITS, check_bits
 
 METHODS = ("bitbybit", "rtn", "direct")
 BLOCK_INPUTS = ("quantized", "fp")
@@ -52,6 +52,7 @@ class Recipe:
     default_bits: int | None = None  # default: lowest of bits
     progressive: bool = True  # stages {8} -> {8,4} -> ...; False: one stage with all precisions
     act_bits: int | None = None  # adds a final stage that also trains W{lowest}A{act_bits}
+    export_bits: int | None = None  # None: the full nested checkpoint; B: a compact one holding only the B-bit codes
     # Target name -> weight of its MSE (others 1). Equal weights let the 2-bit loss, ~1000x the 8-bit one,
     # pull the shared weights away from full precision (stories260K: W8 PPL +4%); see docs/RESULTS.md.
     loss_weights: dict[str, float] = field(default_factory=lambda: {"w8a16": 10.0, "w4a16": 3.0})
@@ -96,6 +97,7 @@ class Recipe:
             raise ValueError(f"default_bits {self.default_bits} is not among bits {self.bits}")
         if self.act_bits is not None and self.act_bits != A16:
             check_bits(self.act_bits)
+        self._check_export_bits()
         if self.split_bits is not None:
             check_bits(self.split_bits)
         if not 0 <= self.split_ratio_first <= 1 or not 0 <= self.split_ratio_last <= 1:
@@ -110,6 +112,22 @@ class Recipe:
             raise ValueError(f"loss_weights keys {malformed} are not target names like 'w2a16' or 'w2a2'")
         if self.n_val < 0 or self.epochs_per_stage < 0 or self.lr <= 0:
             raise ValueError("n_val and epochs_per_stage must be >= 0 and lr > 0")
+
+    def _check_export_bits(self) -> None:
+        b = self.export_bits
+        if b is None:
+            return
+        if b not in self.bits:
+            raise ValueError(f"export_bits {b} is not among the trained bits {self.bits}; pick one of them, "
+                             "e.g. --export-bits 2")
+        if b == MASTER_BITS:
+            raise ValueError(f"export_bits {b} is the master precision: the full checkpoint already stores "
+                             f"{MASTER_BITS}-bit codes; leave --export-bits out")
+
+    @property
+    def exported_bits(self) -> list[int]:
+        """The precisions the exported checkpoint serves, highest first (only ``export_bits`` for a compact one)."""
+        return [self.export_bits] if self.export_bits is not None else sorted(self.bits, reverse=True)
 
     @property
     def trained(self) -> bool:

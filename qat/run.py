@@ -9,6 +9,10 @@ on a 2-core CPU, no network). With ``--model`` it quantizes a real model:
 Methods: ``bitbybit`` (progressive nested QAT, the default), ``rtn`` (round-to-nearest into the
 same format, no training, no splitting unless split flags are given), ``direct``
 (single-precision QAT: ``--method direct --bits 2``). Ablations: ``--no-split``, ``--no-progressive``.
+
+``--export-bits B`` writes a compact checkpoint holding only the B-bit codes (its linear weights
+about B/8 of the full one's); it serves at B only. Re-running a finished run directory with it
+exports the same trained weights again without retraining.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from transformers import AutoConfig
 
 from kernels.checkpoint import QuantConfig
+from kernels.grid import MASTER_BITS
 
 from .blockwise import quantize_blocks
 from .data import calibration_windows, read_text, split_text, token_stream
@@ -112,7 +117,7 @@ def evaluate_run(recipe: Recipe, checkpoint: Path, run_dir: Path, device: torch.
     if not (recipe.eval_data or recipe.calib_data):
         log.info("no evaluation text (--eval-data or --calib-data): perplexity table skipped")
         return []
-    table = evaluate(checkpoint, sorted(recipe.bits, reverse=True), recipe.act_bits, eval_settings(recipe, device))
+    table = evaluate(checkpoint, recipe.exported_bits, recipe.act_bits, eval_settings(recipe, device))
     table.command = command
     save_table(table, run_dir / "eval")
     log.info("\n" + to_markdown(table))
@@ -145,8 +150,7 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     result = quantize_blocks(teacher, recipe, rd, train_ids, val_ids, autocast)
     train_seconds = sum(m["seconds"] for m in result.metrics) if result.metrics else time.perf_counter() - start
     peak = peak_memory_bytes(device)
-    qc = QuantConfig(trained_bits=sorted(recipe.bits, reverse=True), default_bits=recipe.default_bits or recipe.lowest_bits,
-                     act_bits=recipe.act_bits or 16, split_bits=recipe.split_bits or recipe.lowest_bits)
+    qc = export_quant_config(recipe)
     output = Path(recipe.output) if recipe.output else run_dir / "checkpoint"
     info = {"source_model": str(Path(recipe.model).resolve()) if Path(recipe.model).exists() else recipe.model,
             "method": method_label(recipe), "recipe": recipe.to_dict(), "command": command,
@@ -158,6 +162,14 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     summary = RunSummary(str(output), train_seconds, peak, evaluate_run(recipe, output, run_dir, device, command))
     (run_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2) + "\n")
     return summary
+
+
+def export_quant_config(recipe: Recipe) -> QuantConfig:
+    """The checkpoint's quantization_config: every trained precision, or only ``export_bits`` (compact)."""
+    return QuantConfig(trained_bits=recipe.exported_bits,
+                       default_bits=recipe.export_bits or recipe.default_bits or recipe.lowest_bits,
+                       stored_bits=recipe.export_bits or MASTER_BITS, act_bits=recipe.act_bits or 16,
+                       split_bits=recipe.split_bits or recipe.lowest_bits)
 
 
 def method_label(recipe: Recipe) -> str:
@@ -209,6 +221,10 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--bits", type=parse_bits, help="trained precisions, e.g. 8,4,3,2")
     ap.add_argument("--default-bits", dest="default_bits", type=int)
+    ap.add_argument("--export-bits", dest="export_bits", type=int, metavar="B",
+                    help="compact export: store only the B-bit codes (one of --bits, below 8), bit-packed, so the "
+                         "linear weights take ~B/8 of the full checkpoint; it then serves at B only "
+                         "(default: the full nested checkpoint, servable at every trained precision)")
     ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
     ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
     ap.add_argument("--loss-weights", dest="loss_weights", type=parse_loss_weights,

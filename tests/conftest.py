@@ -63,6 +63,16 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 # --- a real checkpoint: stories260K converted to HF and exported RTN with split channels (no training) ---
 
+def _stories_rtn(stories_hf: Path, shared_data: Path, root: Path, out: str, *extra: str) -> Path:
+    """``python -m qat.run --method rtn --split`` on stories260K into ``root/out`` (run directory ``root/run``)."""
+    calib = shared_data / "tinystories-val" / "tinystories_val.txt"
+    subprocess.run([sys.executable, "-m", "qat.run", "--method", "rtn", "--split", "--calib-data", str(calib),
+                    "--n-train", "8", "--n-val", "2", "--seq-len", "64", "--model", str(stories_hf),
+                    "--run-dir", str(root / "run"), "--out", str(root / out), "--no-eval", *extra],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    return root / out
+
+
 @pytest.fixture(scope="session")
 def stories_rtn_ckpt(shared_data: Path, stories_hf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """stories260K exported by ``python -m qat.run --method rtn --split``, made once per session.
@@ -70,13 +80,13 @@ def stories_rtn_ckpt(shared_data: Path, stories_hf: Path, tmp_path_factory: pyte
     Outlier channels are split (calibrated on a few TinyStories sequences), so the checkpoint has
     the layout a trained one has.
     """
-    root = tmp_path_factory.mktemp("stories260K-rtn")
-    calib = shared_data / "tinystories-val" / "tinystories_val.txt"
-    subprocess.run([sys.executable, "-m", "qat.run", "--method", "rtn", "--split", "--calib-data", str(calib),
-                    "--n-train", "8", "--n-val", "2", "--seq-len", "64", "--model", str(stories_hf),
-                    "--run-dir", str(root / "run"), "--out", str(root / "ckpt"), "--no-eval"],
-                   cwd=REPO, check=True, capture_output=True, timeout=300)
-    return root / "ckpt"
+    return _stories_rtn(stories_hf, shared_data, tmp_path_factory.mktemp("stories260K-rtn"), "ckpt")
+
+
+@pytest.fixture(scope="session")
+def stories_rtn_w2_ckpt(shared_data: Path, stories_hf: Path, stories_rtn_ckpt: Path) -> Path:
+    """The same run as ``stories_rtn_ckpt`` exported compact (``--export-bits 2``: only the 2-bit codes, packed)."""
+    return _stories_rtn(stories_hf, shared_data, stories_rtn_ckpt.parent, "ckpt-w2", "--export-bits", "2")
 
 
 # --- the CPU server (serve/) on a free 127.0.0.1 port, in a thread ---

@@ -79,3 +79,36 @@ def test_checkpoint_is_about_8_bits_per_weight(stories_rtn_ckpt: Path) -> None:
     bits = 8 * sum(t.numel() * t.element_size() for t in codes + extra) / weights
     assert 8.5 < bits < 9.0
     assert not any(k.endswith("_proj.weight") for k in tensors)
+
+
+def test_compact_export_evaluates_like_the_full_checkpoint_at_its_bits(stories_rtn_ckpt: Path, stories_rtn_w2_ckpt: Path,
+                                                                      shared_data: Path, tmp_path: Path) -> None:
+    """The same run exported with ``--export-bits 2``: qat.eval (default: the stored precision) gives the full
+    checkpoint's W2 perplexity exactly; another precision is refused naming the stored one."""
+    data = shared_data / "tinystories-val" / "tinystories_val.txt"
+    common = ["--data", str(data), "--data-part", "heldout", "--ctx", "512", "--max-tokens", "2048", "--no-fp",
+              "--threads", "1"]
+    ppl = {}
+    for name, ckpt, bits in (("full", stories_rtn_ckpt, ["--bits", "2"]), ("w2", stories_rtn_w2_ckpt, [])):
+        main([str(ckpt), *bits, *common, "--out", str(tmp_path / name)])
+        rows = json.loads(next((tmp_path / name).glob("*.json")).read_text())["rows"]
+        ppl[name] = [(r["w_bits"], r["ppl"]) for r in rows]
+    assert ppl["w2"] == ppl["full"] and ppl["w2"][0][0] == 2
+    with pytest.raises(SystemExit, match="error: this checkpoint is a compact 2-bit export.*asked for 8"):
+        main([str(stories_rtn_w2_ckpt), "--bits", "8", *common, "--out", str(tmp_path / "w8")])
+
+
+def test_compact_export_stores_a_quarter_of_the_codes(stories_rtn_ckpt: Path, stories_rtn_w2_ckpt: Path) -> None:
+    """``--export-bits 2``: the codes take exactly 2/8 of the master codes' bytes; scales, zeros, row
+    scales, split indices and the float tensors are the full checkpoint's, byte for byte."""
+    from safetensors.torch import load_file
+
+    full, w2 = (load_file(str(d / "model.safetensors")) for d in (stories_rtn_ckpt, stories_rtn_w2_ckpt))
+    codes = {k.removesuffix(".codes") for k in full if k.endswith(".codes")}
+    assert codes and codes == {k.removesuffix(".packed") for k in w2 if k.endswith(".packed")}
+    assert sum(w2[f"{p}.packed"].numel() * 4 for p in codes) * 4 == sum(full[f"{p}.codes"].numel() for p in codes)
+    rest = {k for k in full if not k.endswith(".codes")}
+    assert rest == {k for k in w2 if not k.endswith(".packed")}
+    assert all(torch.equal(full[k].view(torch.uint8), w2[k].view(torch.uint8)) for k in rest
+               if full[k].dtype == torch.float8_e4m3fn)
+    assert all(torch.equal(full[k], w2[k]) for k in rest if full[k].dtype != torch.float8_e4m3fn)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from kernels.qmodel import load_quantized
+from kernels.qmodel import load_quantized, quant_linears
 from qat.recipe import Recipe, Target, build_recipe
 from qat.run import main
 
@@ -56,6 +56,8 @@ def test_recipe_file_values_are_overridden_by_flags() -> None:
     (["--model", "/nonexistent/model"], "not found"),
     (["--bits", "8,9"], "invalid bits list"),
     (["--method", "direct", "--bits", "8,2"], "single precision"),
+    (["--bits", "8,4", "--export-bits", "2"], "export_bits 2 is not among the trained bits [8, 4]"),
+    (["--export-bits", "8"], "leave --export-bits out"),
 ])
 def test_bad_input_is_refused_with_the_fix(args: list[str], message: str, capsys, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
@@ -121,3 +123,24 @@ def test_a_changed_recipe_does_not_resume(tiny_llama_dir: Path, tmp_path: Path) 
     main(_run_args(tiny_llama_dir, run_dir, "--no-eval", "--epochs-per-stage", "1"))
     with pytest.raises(SystemExit, match="different recipe"):
         main(_run_args(tiny_llama_dir, run_dir, "--no-eval", "--epochs-per-stage", "1", "--lr", "1e-2"))
+
+
+def test_export_bits_reexports_the_finished_run_compact(tiny_llama_dir: Path, tmp_path: Path, capsys) -> None:
+    """``--export-bits 2`` on a finished run directory: no retraining, the same weights at 2 bits, ~1/4 the codes."""
+    run_dir = tmp_path / "run"
+    main(_run_args(tiny_llama_dir, run_dir, "--no-eval", "--epochs-per-stage", "1"))
+    main(_run_args(tiny_llama_dir, run_dir, "--epochs-per-stage", "1", "--export-bits", "2", "--out",
+                   str(tmp_path / "w2")))
+    assert "resuming: blocks 1..3 of 3" in (run_dir / "log.txt").read_text()
+    qc = json.loads((tmp_path / "w2" / "config.json").read_text())["quantization_config"]
+    assert (qc["stored_bits"], qc["trained_bits"], qc["default_bits"]) == (2, [2], 2)
+    full, compact = (load_file(str(d / "model.safetensors")) for d in (run_dir / "checkpoint", tmp_path / "w2"))
+    name = "model.layers.0.mlp.down_proj"
+    assert f"{name}.codes" not in compact and compact[f"{name}.packed"].numel() * 4 * 4 == full[f"{name}.codes"].numel()
+    a, b = (dict(quant_linears(load_quantized(d, bits=2)[0])) for d in (run_dir / "checkpoint", tmp_path / "w2"))
+    assert all(torch.equal(a[n].layer.packed, b[n].layer.packed) for n in a)
+    table = json.loads(next((run_dir / "eval").glob("*.json")).read_text())
+    assert {r["w_bits"] for r in table["rows"]} == {16, 2}
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--export-bits B" in capsys.readouterr().out

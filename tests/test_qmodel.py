@@ -16,14 +16,15 @@ from kernels.split import quantize_split_weight, split_region_index
 from qat.export import export_checkpoint
 
 
-def _export_rtn(model: nn.Module, tokenizer, out: Path, split_every: int = 7) -> Path:
+def _export_rtn(model: nn.Module, tokenizer, out: Path, split_every: int = 7,
+                quant_config: QuantConfig | None = None) -> Path:
     """Every decoder linear quantized with a few split channels (every ``split_every``-th input channel)."""
     layers = {}
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear) and name != "lm_head":
             idx = split_region_index(range(0, mod.in_features, split_every), mod.in_features, 32)
             layers[name] = quantize_split_weight(mod.weight.detach(), idx)
-    return export_checkpoint(model, tokenizer, layers, QuantConfig(), out)
+    return export_checkpoint(model, tokenizer, layers, quant_config or QuantConfig(), out)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +147,38 @@ def test_qwen2_with_biases(tiny_llama_dir: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.allclose(quant(x).logits, deq(x).logits, atol=1e-4)
         assert torch.allclose(quant(x).logits, model(x).logits, atol=0.05)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_compact_export_serves_the_full_checkpoints_weights(tiny_llama_dir: Path, tiny_ckpt: Path, tmp_path: Path,
+                                                           bits: int) -> None:
+    """The same layers exported compact (only the B-bit codes): the served weights at B are bit-identical,
+    the codes take B/8 of the bytes, and any other precision is refused naming the stored one."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    qc = QuantConfig(trained_bits=[bits], default_bits=bits, stored_bits=bits)
+    ckpt = _export_rtn(model, AutoTokenizer.from_pretrained(tiny_llama_dir), tmp_path / "compact", quant_config=qc)
+    full, _, _ = load_quantized(tiny_ckpt, bits=bits)
+    small, _, small_qc = load_quantized(ckpt)
+    assert small_qc.compact and small_qc.default_bits == bits
+    full_layers, small_layers = dict(quant_linears(full)), dict(quant_linears(small))
+    assert full_layers.keys() == small_layers.keys()
+    for name, layer in small_layers.items():
+        want = full_layers[name].layer
+        for f in ("packed", "scales", "zeros", "row_scale", "split_index"):
+            got, ref = getattr(layer.layer, f), getattr(want, f)
+            assert torch.equal(got.view(torch.uint8) if got.dtype == torch.float8_e4m3fn else got,
+                               ref.view(torch.uint8) if ref.dtype == torch.float8_e4m3fn else ref), f"{name}.{f}"
+    x = _ids()
+    deq_full, _ = load_dequantized(tiny_ckpt, bits=bits)
+    deq_small, _ = load_dequantized(ckpt)
+    with torch.no_grad():
+        assert torch.equal(small(x).logits, full(x).logits)
+        assert torch.equal(deq_small(x).logits, deq_full(x).logits)
+    codes = sum(m.layer.packed.numel() * 4 for m in small_layers.values())
+    saved = codes * 8 // bits - codes
+    size = {p: (p / "model.safetensors").stat().st_size for p in (tiny_ckpt, ckpt)}
+    assert abs(size[tiny_ckpt] - size[ckpt] - saved) < 2048  # the rest: safetensors header differences
+    with pytest.raises(ValueError, match=f"compact {bits}-bit export.*asked for 8"):
+        load_quantized(ckpt, bits=8)
+    with pytest.raises(ValueError, match=f"compact {bits}-bit export"):
+        load_dequantized(ckpt, bits=4)

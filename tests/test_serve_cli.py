@@ -100,6 +100,17 @@ def test_bad_command_lines_exit_with_a_message(stories_rtn_ckpt, capsys, args, m
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_compact_checkpoint_serves_at_its_stored_bits(stories_rtn_w2_ckpt, monkeypatch, capsys) -> None:
+    """A ``--export-bits 2`` checkpoint: the CPU server loads it at W2 by default; ``--bits 4`` exits naming W2."""
+    served = []
+    monkeypatch.setattr(cli, "_serve_cpu", lambda args, bits, *rest: served.append(bits))
+    cli.main([str(stories_rtn_w2_ckpt), "--backend", "cpu"])
+    assert served == [2]
+    with pytest.raises(SystemExit) as e:
+        cli.main([str(stories_rtn_w2_ckpt), "--bits", "4", "--backend", "cpu"])
+    assert e.value.code == 2 and "compact 2-bit export" in capsys.readouterr().err
+
+
 async def concurrent_statuses(url: str, n: int) -> list[int]:
     """Send ``n`` long completions at once; their HTTP statuses."""
     body = {"model": "s", "prompt": "Once upon a time", "max_tokens": 100, "temperature": 0}

@@ -10,8 +10,10 @@ from kernels import (
     fold_split,
     linear_wa,
     linear_wa16,
+    pack_codes,
     quantize_split_weight,
     quantize_weight,
+    slice_codes,
     split_region_index,
 )
 from kernels.grid import QuantizedWeight
@@ -21,7 +23,9 @@ from kernels.shard import (
     shard_column_parallel,
     shard_row_parallel,
     supported_row_tp_sizes,
+    row_shard_groups,
     take_groups,
+    take_packed_groups,
 )
 
 GS = 32
@@ -121,3 +125,15 @@ def test_take_groups_keeps_fp8_bits():
     got = take_groups(qw.scales, groups, 1)
     assert got.dtype == torch.float8_e4m3fn
     assert torch.equal(got.view(torch.uint8), qw.scales.view(torch.uint8)[:, [3, 0]])
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_packed_row_shards_are_the_packed_slices_of_the_rank(bits, tp):
+    """A compact checkpoint's packed codes, cut per rank, equal the rank's master-code slice packed at b."""
+    qw = split_layer(16, 256, [3, 70, 130, 255], segments=4, seed=6)
+    packed = pack_codes(slice_codes(qw.codes, bits), bits)
+    for rank in range(tp):
+        groups = row_shard_groups(256, qw.split_index.numel(), 4, GS, rank, tp)
+        want = pack_codes(slice_codes(shard_row_parallel(qw, 4, rank, tp).codes, bits), bits)
+        assert torch.equal(take_packed_groups(packed, groups, bits, GS), want)

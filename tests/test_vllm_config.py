@@ -206,6 +206,13 @@ def test_untrained_bits_warn_at_startup(stories_rtn_ckpt):
         assert engine_config(str(stories_rtn_ckpt), "--bits", "6").quant_config.bits == 6
 
 
+def test_compact_checkpoint_serves_only_its_precision(stories_rtn_w2_ckpt):
+    """A ``--export-bits 2`` checkpoint starts at W2 by default; another ``--bits`` fails at start-up."""
+    assert engine_config(str(stories_rtn_w2_ckpt)).quant_config.bits == 2
+    with pytest.raises(ValueError, match=r"compact 2-bit export.*serves at 2 bits only \(asked for 4\)"):
+        engine_config(str(stories_rtn_w2_ckpt), "--bits", "4")
+
+
 def test_serve_help_lists_the_flags(capsys):
     with pytest.raises(SystemExit):
         serve_args("--help=bitbybit")

@@ -37,7 +37,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM, LlamaModel  # noq
 from bitbybit_vllm.config import ACT_BITS_ENV, BITS_ENV, BitbybitConfig  # noqa: E402
 from bitbybit_vllm.linear import BitbybitLinearMethod  # noqa: E402
 from bitbybit_vllm.tp import supported_tp_sizes, tp_problem  # noqa: E402
-from kernels import quantize_split_weight, split_region_index  # noqa: E402
+from kernels import pack_codes, quantize_split_weight, slice_codes, split_region_index  # noqa: E402
 from kernels.checkpoint import QuantConfig, layer_from_tensors, layer_tensors  # noqa: E402
 from kernels.grid import QuantizedWeight  # noqa: E402
 from kernels.reference import linear_wa, linear_wa16  # noqa: E402
@@ -125,11 +125,12 @@ def ref_out(x: torch.Tensor, qw: QuantizedWeight, bits: int, act_bits: int) -> t
     return linear_wa16(x, qw, bits) if act_bits >= 16 else linear_wa(x, qw, bits, act_bits)
 
 
-def write_split_checkpoint(out: Path, s: Shape, segments: int, act_bits: int = 16) -> Path:
+def write_split_checkpoint(out: Path, s: Shape, segments: int, act_bits: int = 16, stored_bits: int = 8) -> Path:
     """A one-block Llama checkpoint with split channels in every linear, written with kernels.checkpoint.
 
     q/k/v share one split set and gate/up another (they read one input); o_proj and down_proj
-    have their own, laid out in ``segments`` segments for row-parallel sharding.
+    have their own, laid out in ``segments`` segments for row-parallel sharding. ``stored_bits``
+    below 8: the compact export of the same weights (only their ``stored_bits``-bit codes, packed).
     """
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,13 +146,14 @@ def write_split_checkpoint(out: Path, s: Shape, segments: int, act_bits: int = 1
         name = f"model.layers.0.{m}"
         idx = sets[which[m.split(".")[1]]]
         qw = quantize_split_weight(torch.randn(n, k), idx.clone())
-        tensors.update(layer_tensors(name, qw))
+        tensors.update(layer_tensors(name, qw, stored_bits))
         splits[name] = {"index": idx.tolist(), "segments": segments}
     save_file(tensors, str(out / "model.safetensors"))
     cfg = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.inter, num_hidden_layers=1,
                       num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
                       vocab_size=128).to_dict()
-    cfg["quantization_config"] = QuantConfig(splits=splits, act_bits=act_bits).to_dict()
+    bits = {} if stored_bits == 8 else {"trained_bits": [stored_bits], "default_bits": stored_bits}
+    cfg["quantization_config"] = QuantConfig(splits=splits, act_bits=act_bits, stored_bits=stored_bits, **bits).to_dict()
     (out / "config.json").write_text(json.dumps(cfg))
     return out
 
@@ -191,15 +193,17 @@ def load(root: nn.Module, ckpt: Path) -> tuple[set[str], dict[str, dict[str, tor
     """vLLM's loading path for the checkpoint's linear tensors, then its process_weights_after_loading.
 
     Returns the loaded parameter names and each quantized layer's checkpoint tensors as loaded
-    (before packing replaces them).
+    (before packing replaces them; ``codes``, or ``packed`` for a compact checkpoint).
     """
     weights = ((n.removeprefix("model."), t)
                for n, t in safetensors_weights_iterator([str(ckpt / "model.safetensors")], False) if "_proj." in n)
     loaded = {f"model.{n}" for n in root.model.load_weights(weights)}
-    captured = {name: {"codes": m.codes.data.clone(), "scales": m.scales.data.view(torch.uint8).clone(),
-                       "zeros": m.zeros.data.clone(), "row_scale": m.row_scale.data.clone()}
-                for name, m in root.named_modules()
-                if isinstance(getattr(m, "quant_method", None), BitbybitLinearMethod)}
+    captured = {}
+    for name, m in root.named_modules():
+        if isinstance(getattr(m, "quant_method", None), BitbybitLinearMethod):
+            codes = m.quant_method.config.quant.codes_suffix
+            captured[name] = {codes: getattr(m, codes).data.clone(), "scales": m.scales.data.view(torch.uint8).clone(),
+                              "zeros": m.zeros.data.clone(), "row_scale": m.row_scale.data.clone()}
     model_config = ModelConfig(model=str(ckpt), dtype="float32", skip_tokenizer_init=True)
     process_weights_after_loading(root, model_config, torch.device("cpu"))
     return loaded, captured
@@ -461,3 +465,75 @@ def test_plain_layer_without_fusing(split_ckpt):
     assert qc.checkpoint_modules("model.layers.0.self_attn.o_proj") == ["model.layers.0.self_attn.o_proj"]
     assert qc.checkpoint_modules("model.layers.0.self_attn.qkv_proj") == [
         f"model.layers.0.self_attn.{m}" for m in ("q_proj", "k_proj", "v_proj")]
+
+
+# --- a compact single-precision checkpoint (--export-bits B: only the B-bit codes, packed) ---
+
+def served(root: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """Every quantized vLLM layer's serving tensors after process_weights_after_loading (FP8 as bytes)."""
+    return {name: {n: (p.data.view(torch.uint8) if p.dtype == torch.float8_e4m3fn else p.data)
+                   for n, p in m.named_parameters()}
+            for name, m in root.named_modules() if isinstance(getattr(m, "quant_method", None), BitbybitLinearMethod)}
+
+
+def assert_same_serving(a: dict[str, dict[str, torch.Tensor]], b: dict[str, dict[str, torch.Tensor]]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys(), name
+        for t in a[name]:
+            assert torch.equal(a[name][t], b[name][t]), f"{name}.{t}"
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_compact_create_weights_shapes(tmp_path, bits):
+    s = SPLIT_SHAPE
+    ckpt = write_split_checkpoint(tmp_path / "c", s, segments=4, stored_bits=bits)
+    block = llama_linears(vllm_quant_config(ckpt), s).model.layers[0]
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    for vname, n, k in (("self_attn.qkv_proj", q + 2 * kv, s.hidden), ("mlp.down_proj", s.hidden, s.inter)):
+        params = dict(block.get_submodule(vname).named_parameters())
+        kq = k + params["split_index"].numel()
+        assert "codes" not in params
+        assert (params["packed"].dtype, tuple(params["packed"].shape)) == (torch.int32, (n, kq * bits // 32)), vname
+        assert tuple(params["scales"].shape) == (n, kq // 32)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_compact_checkpoint_serves_the_full_checkpoints_weights(tmp_path, vllm_tp, monkeypatch, tp):
+    """Per rank, the compact checkpoint's loaded packed codes are the rank's slice of the full one's,
+    packed (fused q/k/v and gate/up included), and the serving tensors after loading are identical."""
+    s, bits = SPLIT_SHAPE, 2
+    ckpts = {"full": write_split_checkpoint(tmp_path / "full", s, segments=4),
+             "w2": write_split_checkpoint(tmp_path / "w2", s, segments=4, stored_bits=bits)}
+    for rank in range(tp):
+        vllm_tp(rank, tp)
+        loaded, serving = {}, {}
+        for name, ckpt in ckpts.items():
+            monkeypatch.setenv(BITS_ENV, str(bits) if name == "full" else "")  # compact: its own precision
+            root = llama_linears(vllm_quant_config(ckpt), s)
+            _, loaded[name] = load(root, ckpt)
+            serving[name] = served(root)
+        for vname, got in loaded["w2"].items():
+            want = loaded["full"][vname]
+            assert torch.equal(got["packed"], pack_codes(slice_codes(want["codes"], bits), bits)), vname
+            assert all(torch.equal(got[t], want[t]) for t in ("scales", "zeros", "row_scale")), vname
+        assert_same_serving(serving["w2"], serving["full"])
+
+
+def test_compact_checkpoint_refuses_other_precisions_at_startup(tmp_path, monkeypatch):
+    ckpt = write_split_checkpoint(tmp_path / "w2", SPLIT_SHAPE, segments=4, stored_bits=2)
+    monkeypatch.setenv(BITS_ENV, "4")
+    with pytest.raises(ValueError, match=r"compact 2-bit export.*serves at 2 bits only \(asked for 4\)"):
+        vllm_quant_config(ckpt)
+
+
+def test_compact_stories_export_serves_like_the_full_one(stories_rtn_ckpt, stories_rtn_w2_ckpt, monkeypatch):
+    """``qat.run --export-bits 2`` of the same run: vLLM's loaders give the full checkpoint's W2 layers exactly."""
+    s = Shape.of(stories_rtn_ckpt)
+    layers = {}
+    for name, ckpt, bits in (("full", stories_rtn_ckpt, "2"), ("w2", stories_rtn_w2_ckpt, "")):
+        monkeypatch.setenv(BITS_ENV, bits)
+        root = llama_linears(vllm_quant_config(ckpt), s)
+        load(root, ckpt)
+        layers[name] = served(root)
+    assert_same_serving(layers["w2"], layers["full"])
