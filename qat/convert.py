@@ -8,6 +8,12 @@ merges are ordered by the pieces' scores, which is how llama2.c (and SentencePie
 
 llama2.c applies RoPE to interleaved pairs (x[2i], x[2i+1]); HF Llama rotates halves, so the rows
 of wq/wk are permuted per head, as transformers' own Llama conversion script does.
+
+End of text: llama2.c's training data separates texts with BOS (id 1) and never holds EOS
+(``</s>``, id 2), so a model ends a story by predicting BOS, where llama2.c's sampler stops.
+config.json keeps the vocabulary's EOS (2, the tokenizer's ``eos_token``); generation_config.json
+lists ``eos_token_id: [2, 1]`` so that ``generate`` and the servers stop where llama2.c stops
+(with EOS alone, generation runs on into a new story).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 HEADER = struct.Struct("<7i")
 VERSION1_MAGIC = 0x616B3432  # "ak42": llama2.c's newer export format
 SPACE = "\u2581"  # SentencePiece's visible space
-SPECIAL_NAMES = {0: "<unk>", 1: "<s>", 2: "</s>"}
+BOS_ID, EOS_ID = 1, 2
+SPECIAL_NAMES = {0: "<unk>", BOS_ID: "<s>", EOS_ID: "</s>"}
 FIRST_BYTE_TOKEN = 3  # llama2.c vocabularies hold <0x00>..<0xFF> at ids 3..258
 
 
@@ -96,7 +103,7 @@ def read_llama2c_model(path: str | Path) -> tuple[LlamaConfig, dict[str, torch.T
         hidden_size=h.dim, intermediate_size=h.hidden_dim, num_hidden_layers=L, num_attention_heads=h.n_heads,
         num_key_value_heads=h.n_kv_heads, head_dim=head_dim, vocab_size=h.vocab_size,
         max_position_embeddings=h.seq_len, rms_norm_eps=1e-5, rope_theta=10000.0, hidden_act="silu",
-        tie_word_embeddings=h.shared_classifier, bos_token_id=1, eos_token_id=2,
+        tie_word_embeddings=h.shared_classifier, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
     )
     sd = {"model.embed_tokens.weight": emb, "model.norm.weight": rms_final}
     if not h.shared_classifier:
@@ -159,7 +166,7 @@ def build_tokenizer(pieces: list[str], scores: list[float]) -> PreTrainedTokeniz
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", 1)])
+                                                       special_tokens=[("<s>", BOS_ID)])
     tok.add_special_tokens(list(SPECIAL_NAMES.values()))
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    clean_up_tokenization_spaces=False, add_bos_token=True, add_eos_token=False)
@@ -178,6 +185,7 @@ def convert(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: str | Pat
     if missing or unexpected:
         raise RuntimeError(f"state dict mismatch: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
+    model.generation_config.eos_token_id = [EOS_ID, BOS_ID]  # texts end with BOS in llama2.c (module docstring)
     out = Path(out_dir)
     model.save_pretrained(out)
     build_tokenizer(pieces, scores).save_pretrained(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import struct
 from pathlib import Path
 
@@ -23,6 +24,19 @@ def test_stories260k_greedy_matches_published_sample(stories_hf: Path, shared_da
         out = model.generate(torch.tensor([[1]]), max_new_tokens=len(expected_ids) - 1, do_sample=False)
     assert out[0].tolist() == expected_ids
     assert tokenizer.decode(out[0], skip_special_tokens=True) == expected
+
+
+def test_generation_stops_at_the_end_of_the_story_like_llama2c(stories_hf: Path) -> None:
+    """llama2.c models end a text with BOS: generate stops there (EOS alone would run on into a new story)."""
+    config = json.loads((stories_hf / "config.json").read_text())
+    generation = json.loads((stories_hf / "generation_config.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(stories_hf)
+    assert config["eos_token_id"] == tokenizer.eos_token_id == 2 and tokenizer.eos_token == "</s>"
+    assert generation["eos_token_id"] == [2, 1] and generation["bos_token_id"] == 1
+    model = AutoModelForCausalLM.from_pretrained(stories_hf).eval()
+    with torch.no_grad():
+        out = model.generate(torch.tensor([[1]]), max_new_tokens=500, do_sample=False)[0].tolist()
+    assert out[-1] == 1 and 1 not in out[1:-1] and len(out) < 500  # one whole story, ended by BOS
 
 
 def test_tokenizer_round_trips_unicode_through_byte_fallback(stories_hf: Path) -> None:
