@@ -34,7 +34,8 @@ from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
-from .triton_ops import TABLE, Config, choose_config, launch_actquant, launch_linear, save_table, table_key
+from .triton_ops import (TABLE, Config, choose_config, gemv_split, launch_actquant, launch_linear, m_bucket, save_table,
+                          table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
           (28672, 8192)]
@@ -133,11 +134,13 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
     return graph_time_us([linear_call(layer, x, out, cfg, act_bits) for layer in layers], **timing)
 
 
-def candidates(m: int) -> list[Config]:
-    """Configurations ``--tune`` tries for M tokens."""
-    if m <= 2:
-        return [Config("gemv", m, bn, bg, split_k=s, num_warps=w)
-                for bn, bg, w in ((256, 4, 4), (512, 4, 4), (128, 4, 4), (256, 8, 8)) for s in (8, 16, 32, 64)]
+def candidates(m: int, n: int, kq: int) -> list[Config]:
+    """Configurations ``--tune`` tries for M tokens on an N x Kq weight."""
+    if m <= 4:
+        bm = m_bucket(m)
+        tiles = [(512, 2, 4), (512, 1, 4), (256, 2, 2), (1024, 2, 8)] if bm == 1 else [(512, 1, 4), (256, 1, 2)]
+        return [Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
+                for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))]
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
@@ -161,7 +164,7 @@ def tune(shapes, ms, bits_list, budget_s: float) -> None:
                     return
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 timed = []
-                for cfg in candidates(m):
+                for cfg in candidates(m, n, k):
                     try:
                         timed.append((time_kernel(layers, x, cfg, None, trials=3, min_ms=5.0), cfg))
                     except Exception as e:  # a configuration that does not compile (e.g. out of shared memory)

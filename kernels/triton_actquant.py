@@ -3,8 +3,9 @@
 One program quantizes one token exactly like :func:`kernels.actquant.quantize_activations`:
 the expanded row ``[x | 0 pad | x[split_index]]`` in groups of 32, asymmetric grid with zero
 included, E4M3 group scales rounded up under the per-token factor ``max_g(scale) / 448``
-(``ALL_ZERO_ROW_SCALE`` for an all-zero token), round-half-even codes. Divisions are IEEE (``div_rn``) so codes, scales and zeros are
-bit-identical to the reference.
+(``ALL_ZERO_ROW_SCALE`` for an all-zero token), round-half-even codes. Quotients are correctly
+rounded (``div_rn`` per group; per element a reciprocal and Markstein's correction) so codes,
+scales and zeros are bit-identical to the reference.
 
 It writes what the linear kernels read: ``xq = (code - zero) * e4m3 * 2^-a`` in fp16 (exact for
 a <= 7: at most 11 significant bits) and ``token_scale * 2^a``, so ``xq * token_scale`` is the
@@ -44,34 +45,53 @@ def e4m3_round_up(r):
 
 
 @triton.jit
-def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
-                    stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BKQ: tl.constexpr,
-                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr):
-    """Quantize token ``program_id(0)``; ``BKQ`` is Kq rounded up to a power of two."""
-    m = tl.program_id(0)
-    NG: tl.constexpr = BKQ // 32
-    k = tl.arange(0, BKQ)
+def _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX: tl.constexpr, HAS_SPLIT: tl.constexpr):
+    """Groups ``g`` of token ``m``: their values ``[BG, 32]`` (fp32), column index, min (<= 0) and raw scale."""
+    k = g[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT).to(tl.float32)
-    xg = tl.reshape(x, (NG, 32))
-    lo = tl.minimum(tl.min(xg, axis=1), 0.0)
-    hi = tl.maximum(tl.max(xg, axis=1), 0.0)
-    raw = tl.div_rn(hi - lo, tl.full([NG], QMAX, tl.float32))
-    gvalid = tl.arange(0, NG) * 32 < Kq
-    ts = tl.div_rn(tl.max(tl.where(gvalid, raw, 0.0), axis=0), 448.0)
+    lo = tl.minimum(tl.min(x, axis=1), 0.0)
+    hi = tl.maximum(tl.max(x, axis=1), 0.0)
+    return x, k, lo, tl.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32))
+
+
+@triton.jit
+def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
+                    stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
+                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr):
+    """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
+
+    The second pass re-reads the row (an L2 hit). ``x / step`` per element is one reciprocal per
+    group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
+    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
+    """
+    m = tl.program_id(0)
+    G = Kq // 32
+    gg = tl.arange(0, BG)
+    rmax = tl.zeros([BG], tl.float32)
+    for g0 in range(0, G, BG):
+        _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+        rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
+    ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
     ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
-    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([NG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
-    byte = e4m3_round_up(ratio)
-    e4m3 = e4m3_scaled(byte) * 256.0
-    step = e4m3 * ts
-    zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
-    code = _rint(tl.div_rn(xg, tl.broadcast_to(step[:, None], (NG, 32)))) + zero[:, None]
-    code = tl.minimum(tl.maximum(code, 0.0), QMAX)
-    xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
-    kmask = k < Kq
-    tl.store(xq_ptr + m * stride_qm + k, tl.reshape(xq, (BKQ,)).to(xq_ptr.dtype.element_ty), mask=kmask)
     tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
-    if WRITE_CODES:
-        tl.store(codes_ptr + m * stride_qm + k, tl.reshape(code, (BKQ,)).to(tl.uint8), mask=kmask)
-        g = tl.arange(0, NG)
-        tl.store(scales_ptr + m * (Kq // 32) + g, byte.to(tl.uint8), mask=gvalid)
-        tl.store(zeros_ptr + m * (Kq // 32) + g, zero.to(tl.uint8), mask=gvalid)
+    for g0 in range(0, G, BG):
+        g = g0 + gg
+        x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+        ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
+        byte = e4m3_round_up(ratio)
+        e4m3 = e4m3_scaled(byte) * 256.0
+        step = e4m3 * ts
+        zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
+        r = tl.div_rn(tl.full([BG], 1.0, tl.float32), step)[:, None]
+        stepb = tl.broadcast_to(step[:, None], (BG, 32))
+        q = x * r
+        q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
+        code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
+        xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
+        kmask = k < Kq
+        tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
+        if WRITE_CODES:
+            gmask = g < G
+            tl.store(codes_ptr + m * stride_qm + k, code.to(tl.uint8), mask=kmask)
+            tl.store(scales_ptr + m * G + g, byte.to(tl.uint8), mask=gmask)
+            tl.store(zeros_ptr + m * G + g, zero.to(tl.uint8), mask=gmask)

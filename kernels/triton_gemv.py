@@ -1,16 +1,22 @@
-"""W{b}A16 GEMV on CUDA cores for one or two tokens (decode), the memory-bound case.
+"""W{b}A16 GEMV on CUDA cores for decode-sized M (1..16 tokens), the memory-bound case.
 
-Each program owns ``BN`` output columns and a range of K groups; a thread holds several columns
-of one packed word row (the serving layout keeps the packed codes K-major, so those columns are
-contiguous), so each activation it loads serves all of them. Per group and column the kernel
-forms ``d = sum_k x_k q_k`` and ``X = sum_k x_k`` and adds ``scale * (d - zero * X)``: the zero
-point and scale cost two FMAs per 32 weights, not one per weight.
+Each program owns ``BN`` output columns and a range of K groups, walked ``BG`` groups per step
+with the next step's packed words loaded before the current step is computed (register double
+buffering), so every thread keeps a load in flight while it computes. A thread holds several
+columns of each packed word row (the serving layout keeps the packed codes K-major, so those
+columns are contiguous: 16-byte loads), so every activation it loads serves all of them, and it
+holds all ``BG`` groups of its columns, so the per-group sums below never cross threads.
 
-A code is never shifted down: each 16-bit half of a word is put under the exponent of 2^23
-once (``half | 0x4B000000``); then ``half & (0x4B000000 | mask << b)`` read as a float is
-``2^23 + q * 2^b``, one FADD removes the 2^23 exactly, and the 2^-b goes into the activation. A weight costs one LOP3, one FADD and one FFMA
-per token; the integer-to-float instruction (I2FP), which runs at a fraction of the FMA rate
-on Hopper, is never used.
+Dequantization without an integer-to-float conversion or a subtraction per code: a shifted copy
+of the word puts code ``q`` (``P`` bits) at mantissa bit ``p`` of a float whose exponent bits are
+OR-ed in by the same LOP3, so the float is exactly ``2^(23-p) + q`` (``2^S`` times that for the
+lower planes of a multi-plane code). One FFMA per code and token accumulates ``v * x``; the
+offsets ``sum_k 2^(23-p_k) x_k`` (``XO``) depend only on the activations and are subtracted once
+per group. One shifted copy serves ``WIN / P`` codes (``p`` in ``[23 - WIN, 23 - P]``), so a
+32-bit word costs 4 shifts for 16-bit inputs (``WIN = 8``: offsets at most 2^8, products exact,
+the accumulation loses at most 8 of fp32's 24 bits) and one shift per code for fp32 inputs
+(``WIN = P``). Per group and column the zero point and scale then cost two FMAs:
+``acc += c * (d - zero * X)`` with ``X = sum_k x_k``.
 """
 
 from __future__ import annotations
@@ -20,53 +26,69 @@ import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish, load_act
 
-MAGIC_BITS = 0x4B000000  # the float 2^23: its low 23 mantissa bits hold an integer exactly
-_MAGIC_BITS = tl.constexpr(MAGIC_BITS)
-_MAGIC = tl.constexpr(8388608.0)
+MAGIC_BITS = 0x4B000000  # exponent field of 2^23 (150 << 23); passed at run time so no constant gets folded
 
 
 @triton.jit
-def _act(x_ptr, stride_xm, m, k, gmask, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
-    """Activations of token ``m`` at columns ``k`` (one per group) as fp32.
-
-    With ``EVEN_K`` (K a multiple of 32, no split slots) every column of a valid group is real
-    input, so the group mask is the whole mask: no per-element compares.
-    """
+def _x_at(x_ptr, stride_xm, m, k, valid, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations at tokens ``m`` and expanded columns ``k`` as fp32 (0 where not ``valid``)."""
     if EVEN_K:
-        return tl.load(x_ptr + m * stride_xm + k, mask=gmask, other=0.0).to(tl.float32)
-    return load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT).to(tl.float32)
+        return tl.load(x_ptr + m * stride_xm + k, mask=valid & (m < M), other=0.0).to(tl.float32)
+    return tl.where(valid, load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT), 0.0).to(tl.float32)
 
 
 @triton.jit
-def _plane(d0, d1, X0, X1, x_ptr, stride_xm, M, K, Kp, Kq, split_ptr, w_ptr, stride_ww, stride_wn, row0, g, gmask,
-           cols, cmask, magic, P: tl.constexpr, S: tl.constexpr, BM: tl.constexpr, SUM_X: tl.constexpr,
-           HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
-    """Accumulate one bit plane (width ``P``, weight ``2^S`` in the code) of groups ``g`` into ``d``."""
+def _offset_coef(i, P: tl.constexpr, S: tl.constexpr, WIN: tl.constexpr):
+    """``2^S * 2^(23 - p)`` for slot ``i`` of a plane (the offset its code carries), as fp32 bits."""
+    NV: tl.constexpr = WIN // P
+    return ((127 + S + WIN - P * (i % NV)) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _code(words, magic, i: tl.constexpr, P: tl.constexpr, S: tl.constexpr, WIN: tl.constexpr):
+    """Slot ``i``'s code ``q`` of every word as the float ``2^S * (2^(23 - p) + q)`` (one shift per ``WIN / P`` slots)."""
+    NV: tl.constexpr = WIN // P
+    p: tl.constexpr = 23 - WIN + P * (i % NV)  # mantissa bit the code lands on
+    s: tl.constexpr = p - P * i  # shift that puts it there
+    if s >= 0:
+        ws = words << s
+    else:
+        ws = words >> (-s)
+    e = (magic + ((S - p) << 23)).to(tl.uint32, bitcast=True)  # exponent field of 2^(S + 23 - p)
+    return ((ws & (((1 << P) - 1) << p)) | e).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pick(t, i: tl.constexpr, n: tl.constexpr):
+    """``t[..., i]`` of ``t [A, B, C, n]`` (n a power of two) by halving splits, which are register renames."""
+    for b in tl.static_range(n.bit_length() - 1):
+        even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] // 2, 2)))
+        if (i >> b) & 1:
+            t = odd
+        else:
+            t = even
+    return tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2]))
+
+
+@triton.jit
+def _plane(d, words, xt, magic, P: tl.constexpr, S: tl.constexpr, WIN: tl.constexpr, BM: tl.constexpr,
+           BG: tl.constexpr):
+    """``d [BM, BG, BN] + sum over this plane's codes of v * x``; ``words [1, BG, P, BN]``, ``xt [BM, BG, 32]``."""
     SLOTS: tl.constexpr = 32 // P
-    for j in tl.static_range(P):
-        wrow = row0 + g * P + j
-        lo = tl.load(w_ptr + wrow[:, None] * stride_ww + cols[None, :] * stride_wn,
-                     mask=gmask[:, None] & cmask[None, :], other=0).to(tl.uint32, bitcast=True)
-        lo_f = lo | magic  # each 16-bit half under the exponent of 2^23 (the & below clears the rest)
-        hi_f = (lo >> 16) | magic
-        for i in tl.static_range(SLOTS):
-            k = g * 32 + (j * SLOTS + i)
-            off = (P * i) % 16  # the code's bit offset in its half
-            if P * i < 16:
-                half = lo_f
-            else:
-                half = hi_f
-            q = (half & (_MAGIC_BITS | (((1 << P) - 1) << off))).to(tl.float32, bitcast=True) - _MAGIC
-            x0 = _act(x_ptr, stride_xm, 0, k, gmask, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-            d0 += q * (x0 * ((1 << S) / (1 << off)))[:, None]
-            if SUM_X:
-                X0 += x0
-            if BM == 2:
-                x1 = _act(x_ptr, stride_xm, 1, k, gmask, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-                d1 += q * (x1 * ((1 << S) / (1 << off)))[:, None]
-                if SUM_X:
-                    X1 += x1
-    return d0, d1, X0, X1
+    xr = tl.reshape(xt, (BM, BG, P, SLOTS))  # column k of a group = word row * SLOTS + slot
+    part = tl.zeros([BM, BG, P, words.shape[3]], tl.float32)
+    for i in tl.static_range(SLOTS):
+        part += _code(words, magic, i, P, S, WIN) * _pick(xr, i, SLOTS)[:, :, :, None]
+    return d + tl.sum(part, axis=2)
+
+
+@triton.jit
+def _load_rows(w_ptr, stride_ww, stride_wn, row0, g0, g_hi, cols, cmask, P: tl.constexpr, BG: tl.constexpr):
+    """Packed words ``[1, BG, P, BN]`` (uint32) of groups ``g0 .. g0 + BG`` of one plane (word rows from ``row0``)."""
+    g = g0 + tl.arange(0, BG)[None, :, None, None]
+    r = tl.arange(0, P)[None, None, :, None]
+    ptrs = w_ptr + (row0 + g * P + r) * stride_ww + cols[None, None, None, :] * stride_wn
+    return tl.load(ptrs, mask=(g < g_hi) & cmask[None, None, None, :], other=0).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -74,47 +96,60 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2, magic,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
-                BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr,
+                BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, WIN: tl.constexpr,
                 HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``y[:M] = x[:M] @ W^T`` for M <= BM <= 2; grid (cdiv(N, BN), SPLIT_K).
+    """``y[:M] = x[:M] @ W^T`` for M <= BM; grid (cdiv(N, BN), SPLIT_K).
 
-    ``magic`` is :data:`MAGIC_BITS`, passed at run time: as a compile-time constant the compiler
-    folds it into every per-code mask and then spends a register move per code.
+    ``magic`` is :data:`MAGIC_BITS`; ``WIN`` the mantissa window of one shifted word copy
+    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
     cmask = cols < N
+    cols4 = tl.max_contiguous(cols, 4)
     G = Kq // 32
     per_split = tl.cdiv(tl.cdiv(G, SPLIT_K), BG) * BG
     g_lo = pid_k * per_split
     g_hi = tl.minimum(G, g_lo + per_split)
-    acc0 = tl.zeros([BG, BN], tl.float32)
-    acc1 = tl.zeros([BG, BN], tl.float32)
+    tok = tl.arange(0, BM)
+    kk = tl.arange(0, 32)
+    # offset coefficient of every column of a group (all planes), for XO = sum_k coef_k x_k
+    coef = _offset_coef((kk % (32 // P0)), P0, S0, WIN)
+    if P1 > 0:
+        coef += _offset_coef((kk % (32 // P1)), P1, S1, WIN)
+    if P2 > 0:
+        coef += _offset_coef((kk % (32 // P2)), P2, S2, WIN)
+    acc = tl.zeros([BM, BN], tl.float32)
+    nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g_lo, g_hi, cols, cmask, P0, BG)
     for g0 in range(g_lo, g_hi, BG):
+        words = nxt
+        nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0 + BG, g_hi, cols, cmask, P0, BG)
         g = g0 + tl.arange(0, BG)
         gmask = g < g_hi
-        pmask = gmask[:, None] & cmask[None, :]
-        poffs = g[:, None] * stride_sg + cols[None, :] * stride_sn
-        c = e4m3_scaled(tl.load(s_ptr + poffs, mask=pmask, other=0))
-        zb = (tl.load(z_ptr + poffs, mask=pmask, other=0).to(tl.float32) - ZOFF) * ZMUL
-        d0 = tl.zeros([BG, BN], tl.float32)
-        d1 = tl.zeros([BG, BN], tl.float32)
-        X0 = tl.zeros([BG], tl.float32)
-        X1 = tl.zeros([BG], tl.float32)
-        d0, d1, X0, X1 = _plane(d0, d1, X0, X1, x_ptr, stride_xm, M, K, Kp, Kq, split_ptr, w_ptr, stride_ww,
-                                stride_wn, 0, g, gmask, cols, cmask, magic, P0, S0, BM, True, HAS_SPLIT, EVEN_K)
+        # scale and zero bytes [1, BG, BN], read 4 columns per thread like the words (same register layout)
+        pmask = gmask[None, :, None, None] & cmask[None, None, None, :]
+        poffs = g[None, :, None, None] * stride_sg + cols4[None, None, None, :] * stride_sn
+        c = tl.sum(e4m3_scaled(tl.load(s_ptr + poffs, mask=pmask, other=0)), axis=2)  # (sum over a size-1 axis:
+        zb = tl.sum(tl.load(z_ptr + poffs, mask=pmask, other=0).to(tl.float32), axis=2)  # the words' layout)
+        zb = (zb - ZOFF) * ZMUL
+        # per (token, group): X = sum x and XO = sum coef * x, cooperatively over the program's threads
+        xt = _x_at(x_ptr, stride_xm, tok[:, None, None], (g * 32)[None, :, None] + kk[None, None, :],
+                   gmask[None, :, None], M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
+        X = tl.sum(xt, axis=2)
+        XO = tl.sum(xt * coef[None, None, :], axis=2)
+        # every thread needs all of xt (a broadcast through shared memory); the sum over a size-1 axis keeps
+        # the compiler from moving that broadcast before the bf16 -> fp32 conversion, which would then run
+        # in every thread instead of once per element
+        xt = tl.sum(xt[:, :, :, None], axis=3)
+        d = _plane(tl.zeros([BM, BG, BN], tl.float32), words, xt, magic, P0, S0, WIN, BM, BG)
         if P1 > 0:
-            d0, d1, X0, X1 = _plane(d0, d1, X0, X1, x_ptr, stride_xm, M, K, Kp, Kq, split_ptr, w_ptr, stride_ww,
-                                    stride_wn, R1, g, gmask, cols, cmask, magic, P1, S1, BM, False, HAS_SPLIT, EVEN_K)
+            w1 = _load_rows(w_ptr, stride_ww, stride_wn, R1, g0, g_hi, cols, cmask, P1, BG)
+            d = _plane(d, w1, xt, magic, P1, S1, WIN, BM, BG)
         if P2 > 0:
-            d0, d1, X0, X1 = _plane(d0, d1, X0, X1, x_ptr, stride_xm, M, K, Kp, Kq, split_ptr, w_ptr, stride_ww,
-                                    stride_wn, R2, g, gmask, cols, cmask, magic, P2, S2, BM, False, HAS_SPLIT, EVEN_K)
-        acc0 += c * (d0 - zb * X0[:, None])
-        if BM == 2:
-            acc1 += c * (d1 - zb * X1[:, None])
-    y = tl.sum(acc0, axis=0)[None, :]
-    if BM == 2:
-        y = tl.permute(tl.join(tl.sum(acc0, axis=0), tl.sum(acc1, axis=0)), (1, 0))
-    finish(y, tl.arange(0, BM), cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
+            w2 = _load_rows(w_ptr, stride_ww, stride_wn, R2, g0, g_hi, cols, cmask, P2, BG)
+            d = _plane(d, w2, xt, magic, P2, S2, WIN, BM, BG)
+        t = zb * X[:, :, None] + XO[:, :, None]
+        acc += tl.sum(c * (d - t), axis=1)
+    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
            COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

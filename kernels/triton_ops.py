@@ -33,13 +33,15 @@ from .triton_gemv import MAGIC_BITS, gemv_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
+ACTQUANT_GROUPS = 32  # groups per chunk of the activation-quantization kernel for many rows (1024 values)
+ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chunk per row)
 
 
 @dataclass(frozen=True)
 class Config:
     """A launch configuration.
 
-    ``kernel``: ``"gemv"`` (CUDA cores, M <= 2; block_k = groups per step), ``"gemm"`` (fused
+    ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 4; block_k = groups per step), ``"gemm"`` (fused
     dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it).
@@ -73,17 +75,27 @@ def table_key(bits: int, kq: int, n: int, m: int) -> str:
     return f"w{bits}:{kq}x{n}:m{m_bucket(m)}"
 
 
+def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132) -> int:
+    """Split-K for the GEMV: about three programs per SM, each with at least four steps of ``block_g`` groups."""
+    split = 1
+    while triton.cdiv(n, block_n) * split < 3 * sms and kq // 32 >= 8 * block_g * split and split < 64:
+        split *= 2
+    return split
+
+
 def default_config(m: int, n: int, kq: int) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
-    GEMV for one or two tokens, split along K 16 ways; split-K tensor-core tiles up to 64
-    tokens with enough programs for two per SM; the fused tensor-core GEMM at 65..127 tokens;
-    dequantize-then-cuBLAS from 128 tokens, where the GEMM is compute-bound.
+    GEMV for up to four tokens (split along K for about three programs per SM); split-K
+    tensor-core tiles up to 64 tokens with enough programs for two per SM; the fused
+    tensor-core GEMM at 65..127 tokens; dequantize-then-cuBLAS from 128 tokens, where the GEMM
+    is compute-bound.
     """
     sms = 132
-    if m <= 2:
-        split = max(1, min(16, kq // (32 * 4)))
-        return Config("gemv", m, 256, 4 if m == 1 else 8, split_k=split, num_warps=4 if m == 1 else 8)
+    if m <= 4:
+        bm = m_bucket(m)
+        bg = 2 if bm == 1 else 1
+        return Config("gemv", bm, 512, bg, split_k=gemv_split(n, kq, 512, bg, sms), num_warps=4)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         split = 1
@@ -136,12 +148,12 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
-    if cfg.kernel == "gemv" and m > 2:
-        raise ValueError(f"the GEMV kernel takes at most 2 rows, got {m}")
+    if cfg.kernel == "gemv" and m > cfg.block_m:
+        raise ValueError(f"this GEMV configuration takes at most {cfg.block_m} rows, got {m}")
     mult = 2 ** (master_bits - bits)
     has_split = split_index is not None and split_index.numel() > 0
     cnt = _counter_buffer(x.device)
-    bm = m if cfg.kernel == "gemv" else cfg.block_m
+    bm = cfg.block_m
     tiles = triton.cdiv(n, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, bm))
     split_k = cfg.split_k if tiles <= COUNTERS else 1
     grid = (tiles, split_k)
@@ -158,9 +170,9 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if zu8.stride() != su8.stride():
         raise ValueError("scales and zeros must share one memory layout")
     if cfg.kernel == "gemv":
-        gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n,
-                          EVEN_K=in_features == kq,
-                          num_warps=cfg.num_warps)
+        win = 8 if x.dtype in (torch.bfloat16, torch.float16) else consts["P0"]  # see triton_gemv
+        gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, WIN=win,
+                          EVEN_K=in_features == kq, num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -201,12 +213,13 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device),
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device)) if write_codes else ())
     if m:
-        bkq = triton.next_power_of_2(kq)
         codes, sc, zp = extra or (xq, xq, xq)
+        # few tokens (decode): one chunk per row and many warps, so each pass is a single step;
+        # many tokens: 1024-value chunks, 4 warps, many programs per SM
+        bg = triton.next_power_of_2(kq // GROUP_SIZE) if m < ACTQUANT_MANY_ROWS else ACTQUANT_GROUPS
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
-                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BKQ=bkq,
-                              HAS_SPLIT=has_split, WRITE_CODES=write_codes,
-                              num_warps=max(1, min(16, bkq // 1024)))
+                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=bg,
+                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, num_warps=min(16, max(4, bg // 32)))
     return (xq, ts, *extra)
 
 

@@ -70,6 +70,7 @@ else:
 
     @pytest.mark.parametrize("bits", [2, 3, 4, 8])
     @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (2, Config("gemv", 2, 8, 1, split_k=2)),
+                                        (3, Config("gemv", 4, 16, 2, split_k=3)),
                                         (5, Config("gemm", 16, 16, 32, split_k=3)),
                                         (19, Config("gemm", 16, 16, 64, group_m=2))])
     def test_linear_wa16_matches_reference(bits, m, cfg):
