@@ -2,6 +2,8 @@
 # Every run behind docs/RESULTS.md's teacher-56m table, then the table itself
 # (docs/results/qat-teacher-56m.json). Needs one or more CUDA GPUs; run from the repository root:
 #   DATA=../shared/data bash recipes/teacher-56m-table.sh
+# Environment: RUNS (run directory root, default runs/teacher-56m), QAT_FLAGS (extra qat.run flags
+# for every run, e.g. "--n-train 1024" for the reduced table of docs/RESULTS.md).
 # DATA holds teacher-56m/ and gutenberg-sample/. Every run uses recipes/teacher-56m.toml (2 epochs
 # per precision stage) and is evaluated on heldout.txt at context 1024. Runs resume from their last
 # finished block if the script is started again. Two lanes run side by side, each one run at a time:
@@ -19,7 +21,7 @@ run() {  # run NAME GPU [qat.run flags]
   echo "$(date +%T) start $name on GPU $gpu"
   if CUDA_VISIBLE_DEVICES=$gpu $PY -m qat.run --model "$DATA/teacher-56m" --recipe recipes/teacher-56m.toml \
       --calib-data "$DATA/gutenberg-sample/calib-large.txt" --eval-data "$DATA/gutenberg-sample/heldout.txt" \
-      --run-dir "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1; then
+      --run-dir "$OUT/$name" ${QAT_FLAGS:-} "$@" > "$OUT/$name.log" 2>&1; then
     echo "$(date +%T) done $name"
   else
     echo "$(date +%T) FAILED $name: see $OUT/$name.log"
