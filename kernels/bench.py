@@ -34,7 +34,7 @@ from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
-from .triton_ops import (TABLE, Config, choose_config, gemv_split, launch_actquant, launch_linear, m_bucket, save_table,
+from .triton_ops import (TABLE, Config, choose_config, gemv_split, gemv_tile, launch_actquant, launch_linear, save_table,
                           table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
@@ -134,11 +134,13 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
     return graph_time_us([linear_call(layer, x, out, cfg, act_bits) for layer in layers], **timing)
 
 
-def candidates(m: int, n: int, kq: int) -> list[Config]:
-    """Configurations ``--tune`` tries for M tokens on an N x Kq weight."""
+def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
+    """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``."""
     if m <= 4:
-        bm = m_bucket(m)
-        tiles = [(512, 2, 4), (512, 1, 4), (256, 2, 2), (1024, 2, 8)] if bm == 1 else [(512, 1, 4), (256, 1, 2)]
+        bm, bn, bg, w = gemv_tile(bits, m)
+        tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
+        if bm == 1:
+            tiles.append((bn, 3 - bg, w))
         return [Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
                 for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))]
     if m <= 64:
@@ -164,7 +166,7 @@ def tune(shapes, ms, bits_list, budget_s: float) -> None:
                     return
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 timed = []
-                for cfg in candidates(m, n, k):
+                for cfg in candidates(bits, m, n, k):
                     try:
                         timed.append((time_kernel(layers, x, cfg, None, trials=3, min_ms=5.0), cfg))
                     except Exception as e:  # a configuration that does not compile (e.g. out of shared memory)

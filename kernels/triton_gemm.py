@@ -30,15 +30,18 @@ def _gathered_plane(w_ptr, stride_ww, stride_wn, row0, k0, kk, n, nmask, Kq, P: 
 
 
 @triton.jit
-def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
-                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
+def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, magic, cols,
+                 cmask, P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                  S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, BK: tl.constexpr,
                  OP_DTYPE: tl.constexpr):
     """Weight tile ``[BN, BK]`` for K columns ``k0..k0+BK``: ``(code - zero_b) * e4m3 / 256`` in ``OP_DTYPE``.
 
-    Single-plane codes (2, 4, 8 bits) skip the integer-to-float conversion: a rotate puts the
-    code at the top of the mantissa of 1.0, giving ``v = 1 + q / 2^P``, and one FFMA forms
-    ``v * C - D = q * c - zero_b * c`` with ``C = c * 2^P`` and ``D = C + zero_b * c`` (exact in fp32).
+    Single-plane codes (2, 4, 8 bits) skip the integer-to-float conversion, as in the GEMV
+    (:mod:`kernels.triton_gemv`): a shifted copy of the word, shared by ``8 / P`` slots, puts the
+    code at mantissa bit ``p`` (15..15 + 8 - P) and the same LOP3 ORs in the exponent of
+    ``2^(23-p)`` (``magic`` at run time, so ptxas does not rematerialize it per code), giving
+    ``v = 2^(23-p) + q``; one FFMA forms ``v * c - (2^(23-p) + zero_b) * c = (q - zero_b) * c``,
+    exact in fp32 (the subtrahend has at most ~20 significant bits).
     """
     SL0: tl.constexpr = 32 // P0
     BKW: tl.constexpr = BK // SL0
@@ -53,12 +56,12 @@ def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn
     c = e4m3_scaled(tl.load(s_ptr + poffs, mask=rmask, other=0))
     zc = (tl.load(z_ptr + poffs, mask=rmask, other=0).to(tl.float32) - ZOFF) * ZMUL * c
     if P1 == 0:
-        top: tl.constexpr = 23 - P0  # a plane's codes start at bit P0*i, never at `top` (P0 in 2, 4, 8)
-        r = ((top + 32 - P0 * i) % 32).to(tl.uint32)
-        rotated = (words << r) | (words >> (32 - r))
-        v = ((rotated & (((1 << P0) - 1) << top)) | 0x3F800000).to(tl.float32, bitcast=True)
-        C = c * (1 << P0)
-        b = v * C - (C + zc)
+        p = 15 + P0 * (i % (8 // P0))  # mantissa bit of slot i's code; shift p - P0 * i puts it there
+        shifted = (words << tl.maximum(p - P0 * i, 0).to(tl.uint32)) >> tl.maximum(P0 * i - p, 0).to(tl.uint32)
+        e = (magic - (p << 23)).to(tl.uint32, bitcast=True)  # exponent field of 2^(23 - p)
+        v = ((shifted & (((1 << P0) - 1) << p).to(tl.uint32)) | e).to(tl.float32, bitcast=True)
+        off = ((150 - p) << 23).to(tl.float32, bitcast=True)  # 2^(23 - p)
+        b = v * c - (off * c + zc)
     else:
         q = ((words >> (i * P0).to(tl.uint32)) & ((1 << P0) - 1)) << S0
         q = q | _gathered_plane(w_ptr, stride_ww, stride_wn, R1, k0, SL0 * w + i, n, nmask, Kq, P1, S1)
@@ -70,7 +73,7 @@ def dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn
 
 @triton.jit
 def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr, y_ptr, ws_ptr, cnt_ptr,
-                M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2,
+                M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2, magic,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
@@ -96,15 +99,15 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         k0 = kt * BK
         a = load_act(x_ptr, stride_xm, rows[:, None], k0 + tl.arange(0, BK)[None, :], M, K, Kp, Kq, split_ptr,
                      HAS_SPLIT)
-        w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
-                         P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, op_dtype)
+        w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, magic, cols,
+                         cmask, P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, op_dtype)
         acc = tl.dot(w, tl.trans(a), acc)
     finish(tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
            pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
 
 
 @triton.jit
-def dequant_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, Kq, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2,
+def dequant_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, Kq, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2, magic,
                    P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                    S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                    BN: tl.constexpr, BK: tl.constexpr):
@@ -112,8 +115,8 @@ def dequant_kernel(w_ptr, s_ptr, z_ptr, rs_ptr, out_ptr, N, Kq, stride_ww, strid
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
     cmask = cols < N
     k0 = tl.program_id(1) * BK
-    w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, cols, cmask,
-                     P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, tl.float32)
+    w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, magic, cols,
+                     cmask, P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, tl.float32)
     w = w * (tl.load(rs_ptr + cols, mask=cmask, other=0.0) * COL_MULT)[:, None]
     ks = k0 + tl.arange(0, BK)
     tl.store(out_ptr + cols[:, None] * Kq + ks[None, :], w.to(out_ptr.dtype.element_ty),

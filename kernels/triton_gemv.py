@@ -61,12 +61,13 @@ def _code(words, magic, i: tl.constexpr, P: tl.constexpr, S: tl.constexpr, WIN: 
 @triton.jit
 def _pick(t, i: tl.constexpr, n: tl.constexpr):
     """``t[..., i]`` of ``t [A, B, C, n]`` (n a power of two) by halving splits, which are register renames."""
-    for b in tl.static_range(n.bit_length() - 1):
-        even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] // 2, 2)))
-        if (i >> b) & 1:
-            t = odd
-        else:
-            t = even
+    for b in tl.static_range(5):  # n <= 32
+        if (1 << b) < n:
+            even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] // 2, 2)))
+            if (i >> b) & 1:
+                t = odd
+            else:
+                t = even
     return tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2]))
 
 

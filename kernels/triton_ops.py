@@ -83,7 +83,15 @@ def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132) -> i
     return split
 
 
-def default_config(m: int, n: int, kq: int) -> Config:
+def gemv_tile(bits: int, m: int) -> tuple[int, int, int, int]:
+    """``(block_m, block_n, groups per step, warps)`` of the GEMV: at most ~128 registers under Triton 3.6."""
+    bm = m_bucket(m)
+    if bm == 1:
+        return bm, 512, 2 if bits <= 3 else 1, 4
+    return (bm, 512, 1, 4) if bm == 2 else (bm, 512, 1, 8)
+
+
+def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
     GEMV for up to four tokens (split along K for about three programs per SM); split-K
@@ -93,9 +101,8 @@ def default_config(m: int, n: int, kq: int) -> Config:
     """
     sms = 132
     if m <= 4:
-        bm = m_bucket(m)
-        bg = 2 if bm == 1 else 1
-        return Config("gemv", bm, 512, bg, split_k=gemv_split(n, kq, 512, bg, sms), num_warps=4)
+        bm, bn, bg, warps = gemv_tile(bits, m)
+        return Config("gemv", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         split = 1
@@ -109,7 +116,7 @@ def default_config(m: int, n: int, kq: int) -> Config:
 
 def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
     """The tuned configuration for this shape (quantized or 16-bit activations alike), else :func:`default_config`."""
-    return TABLE.get(table_key(bits, kq, n, m)) or default_config(m, n, kq)
+    return TABLE.get(table_key(bits, kq, n, m)) or default_config(bits, m, n, kq)
 
 
 def save_table(table: dict[str, Config]) -> None:
@@ -174,7 +181,7 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, WIN=win,
                           EVEN_K=in_features == kq, num_warps=cfg.num_warps)
     else:
-        gemm_kernel[grid](*args, r1, r2, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+        gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return y
 
@@ -191,7 +198,7 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
     su8 = scales.view(torch.uint8)
     dequant_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(kq, cfg.block_k))](
         packed, su8, zeros, row_scale, w, n, kq, packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0),
-        r1, r2, **consts, ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult, BN=cfg.block_n,
+        r1, r2, MAGIC_BITS, **consts, ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult, BN=cfg.block_n,
         BK=cfg.block_k, num_warps=cfg.num_warps)
     xe = x if token_scale is None else x.float() * token_scale[:, None]
     xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != kq else xe).to(y.dtype)
