@@ -72,15 +72,15 @@ def _pick(t, i: tl.constexpr, n: tl.constexpr):
 
 
 @triton.jit
-def _plane(d, words, xt, magic, P: tl.constexpr, S: tl.constexpr, WIN: tl.constexpr, BM: tl.constexpr,
+def _plane(words, xt, magic, P: tl.constexpr, S: tl.constexpr, WIN: tl.constexpr, BM: tl.constexpr,
            BG: tl.constexpr):
-    """``d [BM, BG, BN] + sum over this plane's codes of v * x``; ``words [1, BG, P, BN]``, ``xt [BM, BG, 32]``."""
+    """``[BM, BG, BN]``: the sum over this plane's codes of ``v * x``; ``words [1, BG, P, BN]``, ``xt [BM, BG, 32]``."""
     SLOTS: tl.constexpr = 32 // P
     xr = tl.reshape(xt, (BM, BG, P, SLOTS))  # column k of a group = word row * SLOTS + slot
-    part = tl.zeros([BM, BG, P, words.shape[3]], tl.float32)
-    for i in tl.static_range(SLOTS):
+    part = _code(words, magic, 0, P, S, WIN) * _pick(xr, 0, SLOTS)[:, :, :, None]
+    for i in tl.static_range(1, SLOTS):
         part += _code(words, magic, i, P, S, WIN) * _pick(xr, i, SLOTS)[:, :, :, None]
-    return d + tl.sum(part, axis=2)
+    return tl.sum(part, axis=2)
 
 
 @triton.jit
@@ -143,13 +143,13 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         # the compiler from moving that broadcast before the bf16 -> fp32 conversion, which would then run
         # in every thread instead of once per element
         xt = tl.sum(xt[:, :, :, None], axis=3)
-        d = _plane(tl.zeros([BM, BG, BN], tl.float32), words, xt, magic, P0, S0, WIN, BM, BG)
+        d = _plane(words, xt, magic, P0, S0, WIN, BM, BG)
         if P1 > 0:
             w1 = _load_rows(w_ptr, stride_ww, stride_wn, R1, g0, g_hi, cols, cmask, P1, BG)
-            d = _plane(d, w1, xt, magic, P1, S1, WIN, BM, BG)
+            d += _plane(w1, xt, magic, P1, S1, WIN, BM, BG)
         if P2 > 0:
             w2 = _load_rows(w_ptr, stride_ww, stride_wn, R2, g0, g_hi, cols, cmask, P2, BG)
-            d = _plane(d, w2, xt, magic, P2, S2, WIN, BM, BG)
+            d += _plane(w2, xt, magic, P2, S2, WIN, BM, BG)
         t = zb * X[:, :, None] + XO[:, :, None]
         acc += tl.sum(c * (d - t), axis=1)
     finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
