@@ -55,43 +55,64 @@ def _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX: tl.constexpr, 
 
 
 @triton.jit
+def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
+                    QMAX: tl.constexpr, XQ_MUL: tl.constexpr, WRITE_CODES: tl.constexpr):
+    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (and codes)."""
+    BG: tl.constexpr = x.shape[0]
+    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
+    byte = e4m3_round_up(ratio)
+    e4m3 = e4m3_scaled(byte) * 256.0
+    step = e4m3 * ts
+    zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
+    r = tl.div_rn(tl.full([BG], 1.0, tl.float32), step)[:, None]
+    stepb = tl.broadcast_to(step[:, None], (BG, 32))
+    q = x * r
+    q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
+    code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
+    xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
+    kmask = k < Kq
+    tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
+    if WRITE_CODES:
+        gmask = g < G
+        tl.store(codes_ptr + m * stride_qm + k, code.to(tl.uint8), mask=kmask)
+        tl.store(scales_ptr + m * G + g, byte.to(tl.uint8), mask=gmask)
+        tl.store(zeros_ptr + m * G + g, zero.to(tl.uint8), mask=gmask)
+
+
+@triton.jit
+def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
+    ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
+    ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
+    tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
+    return ts
+
+
+@triton.jit
 def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
                     stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
-                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr):
+                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr):
     """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
 
-    The second pass re-reads the row (an L2 hit). ``x / step`` per element is one reciprocal per
+    The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
+    stays in registers and there is one pass. ``x / step`` per element is one reciprocal per
     group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
     rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
     """
     m = tl.program_id(0)
     G = Kq // 32
     gg = tl.arange(0, BG)
-    rmax = tl.zeros([BG], tl.float32)
-    for g0 in range(0, G, BG):
-        _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-        rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
-    ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
-    ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
-    tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
-    for g0 in range(0, G, BG):
-        g = g0 + gg
-        x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-        ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
-        byte = e4m3_round_up(ratio)
-        e4m3 = e4m3_scaled(byte) * 256.0
-        step = e4m3 * ts
-        zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
-        r = tl.div_rn(tl.full([BG], 1.0, tl.float32), step)[:, None]
-        stepb = tl.broadcast_to(step[:, None], (BG, 32))
-        q = x * r
-        q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
-        code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
-        xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
-        kmask = k < Kq
-        tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
-        if WRITE_CODES:
-            gmask = g < G
-            tl.store(codes_ptr + m * stride_qm + k, code.to(tl.uint8), mask=kmask)
-            tl.store(scales_ptr + m * G + g, byte.to(tl.uint8), mask=gmask)
-            tl.store(zeros_ptr + m * G + g, zero.to(tl.uint8), mask=gmask)
+    if ONE_CHUNK:
+        x, k, lo, raw = _chunk(x_ptr, stride_xm, m, gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+        ts = _token_scale(tl.where(gg < G, raw, 0.0), ts_ptr, m, XQ_MUL)
+        _quantize_chunk(x, k, gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm, QMAX,
+                        XQ_MUL, WRITE_CODES)
+    else:
+        rmax = tl.zeros([BG], tl.float32)
+        for g0 in range(0, G, BG):
+            _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+            rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
+        ts = _token_scale(rmax, ts_ptr, m, XQ_MUL)
+        for g0 in range(0, G, BG):
+            x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+            _quantize_chunk(x, k, g0 + gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
+                            stride_qm, QMAX, XQ_MUL, WRITE_CODES)

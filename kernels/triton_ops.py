@@ -226,7 +226,8 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
         bg = triton.next_power_of_2(kq // GROUP_SIZE) if m < ACTQUANT_MANY_ROWS else ACTQUANT_GROUPS
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=bg,
-                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, num_warps=min(16, max(4, bg // 32)))
+                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=bg * GROUP_SIZE >= kq,
+                              num_warps=min(16, max(4, bg // 32)))
     return (xq, ts, *extra)
 
 
