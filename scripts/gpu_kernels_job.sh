@@ -3,7 +3,8 @@
 #   tune    GPU correctness tests, then `kernels.bench --tune` of the decode paths (M = 1, 2, 4) of W2 and W4 on
 #           the two headline shapes (writes kernels/triton_table.json; copied to $OUT)
 #   bench1  the benchmark of the committed code, first four shapes (docs/results/kernels-h200.json)
-#   bench2  the other four shapes and W3/W8/W4A4 (--append), with the compiler report (sass.json)
+#   bench2  the other four shapes and W3/W8/W4A4 (--append, onto bench1's file), with the compiler report
+#   bench   bench1 then bench2 in one command
 # Logs and results land in $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -29,6 +30,9 @@ case "${1:-}" in
     python3 -m kernels.bench --kernels w3a16,w8a16,w4a4 --ms 1,16,1024 --append 2>&1 | tee -a "$OUT/bench2.log"
     cp docs/results/kernels-h200.json "$OUT/"
     ;;
-  *) echo "usage: $0 tune|bench1|bench2" >&2; exit 2 ;;
+  bench)
+    bash "$0" bench1 && bash "$0" bench2
+    ;;
+  *) echo "usage: $0 tune|bench1|bench2|bench" >&2; exit 2 ;;
 esac
 echo "phase ${1} done in ${SECONDS}s" | tee -a "$OUT/gpu.txt"
