@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_actquant import group_range, group_span, quantize_groups, token_scale
 from .triton_common import e4m3_scaled, finish, load_act
 
 MAGIC_BITS = 0x4B000000  # exponent field of 2^23 (150 << 23); passed at run time so no constant gets folded
@@ -98,11 +99,16 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, WIN: tl.constexpr,
-                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ACT_BITS: tl.constexpr = 0):
     """``y[:M] = x[:M] @ W^T`` for M <= BM; grid (cdiv(N, BN), SPLIT_K).
 
     ``magic`` is :data:`MAGIC_BITS`; ``WIN`` the mantissa window of one shifted word copy
-    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact).
+    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact). With
+    ``ACT_BITS`` > 0 the activations are quantized here, exactly as
+    :func:`kernels.triton_actquant.actquant_kernel` does (W{b}A{a} without a separate launch):
+    every program first scans its tokens' rows for the token scale (L2 reads), then quantizes
+    the groups of each step before using them.
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -121,6 +127,17 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         coef += _offset_coef((kk % (32 // P1)), P1, S1, WIN)
     if P2 > 0:
         coef += _offset_coef((kk % (32 // P2)), P2, S2, WIN)
+    if ACT_BITS > 0:
+        QMAX: tl.constexpr = (1 << ACT_BITS) - 1
+        XQ_MUL: tl.constexpr = 1.0 / (1 << ACT_BITS)
+        gs = tl.arange(0, 16)
+        smax = tl.zeros([BM, 16], tl.float32)
+        for c0 in range(0, G, 16):
+            xa = _x_at(x_ptr, stride_xm, tok[:, None, None], ((c0 + gs) * 32)[None, :, None] + kk[None, None, :],
+                       (c0 + gs < G)[None, :, None], M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
+            smax = tl.maximum(smax, group_span(xa, 2)[1])  # padding groups: span 0
+        # max_g RN(span_g / QMAX) = RN(max_g span_g / QMAX): correctly rounded division is monotonic
+        ts = token_scale(tl.div_rn(tl.max(smax, axis=1), tl.full([BM], QMAX, tl.float32)))
     acc = tl.zeros([BM, BN], tl.float32)
     nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g_lo, g_hi, cols, cmask, P0, BG)
     for g0 in range(g_lo, g_hi, BG):
@@ -137,6 +154,9 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         # per (token, group): X = sum x and XO = sum coef * x, cooperatively over the program's threads
         xt = _x_at(x_ptr, stride_xm, tok[:, None, None], (g * 32)[None, :, None] + kk[None, None, :],
                    gmask[None, :, None], M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
+        if ACT_BITS > 0:
+            lo, raw = group_range(xt, QMAX, 2)
+            xt = quantize_groups(xt, lo, raw, tl.full(raw.shape, 1.0, tl.float32) * ts[:, None], QMAX, XQ_MUL, 2)[0]
         X = tl.sum(xt, axis=2)
         XO = tl.sum(xt * coef[None, None, :], axis=2)
         # every thread needs all of xt (a broadcast through shared memory); the sum over a size-1 axis keeps
@@ -152,5 +172,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             d += _plane(w2, xt, magic, P2, S2, WIN, BM, BG)
         t = zb * X[:, :, None] + XO[:, :, None]
         acc += tl.sum(c * (d - t), axis=1)
+    if ACT_BITS > 0:
+        acc = acc * (ts * (1.0 / XQ_MUL))[:, None]
     finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
            COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

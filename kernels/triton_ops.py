@@ -5,6 +5,9 @@ Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile
 * ``linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
   in_features, out_dtype)``: ``x [..., K] @ W_b^T``; with ``token_scale`` the input is already
   quantized (``xq`` of ``quantize_act``) and each row is scaled by it.
+* ``linear_wa(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, in_features,
+  act_bits, out_dtype)``: W{b}A{a}, the activations quantized per token first (fused into the GEMV
+  at decode sizes, else ``quantize_act`` then ``linear``).
 * ``quantize_act(x, split_index, act_bits) -> (xq fp16 [..., Kq], token_scale fp32 [...])``.
 
 Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
@@ -143,8 +146,13 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   row_scale: torch.Tensor, split_index: torch.Tensor | None, token_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, bits: int, master_bits: int, in_features: int,
-                  out_dtype: torch.dtype, config: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Run the W{b} linear on ``x [M, K]`` (contiguous rows) into ``out`` (new if None); ``config`` overrides the table."""
+                  out_dtype: torch.dtype, config: Config | None = None, out: torch.Tensor | None = None,
+                  act_bits: int | None = None) -> torch.Tensor:
+    """Run the W{b} linear on ``x [M, K]`` (contiguous rows) into ``out`` (new if None); ``config`` overrides the table.
+
+    ``act_bits`` quantizes the activations first (W{b}A{a}): inside the GEMV where the shape runs
+    it, else by :func:`launch_actquant` and the weight kernel on its ``xq`` and token scale.
+    """
     m = x.shape[0]
     n, g = scales.shape
     kq = g * GROUP_SIZE
@@ -152,6 +160,10 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return y
     cfg = config or choose_config(bits, m, n, kq)
+    if act_bits is not None and cfg.kernel != "gemv":
+        xq, ts = launch_actquant(x, split_index, act_bits)
+        return launch_linear(xq, packed, scales, zeros, row_scale, None, ts, bias, bits, master_bits, kq, out_dtype,
+                             cfg, y)
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -179,7 +191,7 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if cfg.kernel == "gemv":
         win = 8 if x.dtype in (torch.bfloat16, torch.float16) else consts["P0"]  # see triton_gemv
         gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, WIN=win,
-                          EVEN_K=in_features == kq, num_warps=cfg.num_warps)
+                          EVEN_K=in_features == kq, ACT_BITS=act_bits or 0, num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -249,6 +261,21 @@ def linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
 @linear_op.register_fake
 def _linear_fake(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                  in_features, out_dtype):
+    return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
+
+
+@torch.library.custom_op("bitbybit::linear_wa", mutates_args=())
+def linear_wa_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                 master_bits: int, in_features: int, act_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
+    y = launch_linear(_rows(x), packed, scales, zeros, row_scale, split_index, None, bias, bits, master_bits,
+                      in_features, out_dtype, act_bits=act_bits)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@linear_wa_op.register_fake
+def _linear_wa_fake(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, in_features, act_bits,
+                    out_dtype):
     return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
