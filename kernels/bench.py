@@ -181,8 +181,8 @@ def tune(shapes, ms, bits_list, budget_s: float) -> None:
             torch.cuda.empty_cache()
 
 
-def bench(shapes, ms, kernels, bw: float) -> list[dict]:
-    """Time every kernel and bf16 at every (shape, M); returns the records."""
+def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
+    """Time every kernel and bf16 at every (shape, M); returns the records (also passed to ``save`` after each shape)."""
     records = []
     for k, n in shapes:
         w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(n * k * 2))]
@@ -212,6 +212,8 @@ def bench(shapes, ms, kernels, bw: float) -> list[dict]:
                       f"x{rec['speedup']:5.2f}  {rec['bw_pct']:5.1f}% bw", flush=True)
         del w16, layers
         torch.cuda.empty_cache()
+        if save:
+            save(records)
     return records
 
 
@@ -289,15 +291,19 @@ def main() -> None:
         tune(shapes, ms, [2, 4], args.tune_budget)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)", flush=True)
-    records = bench(shapes, ms, args.kernels, bw)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for rec in records:
-        rec["copy_tbps"] = round(bw / 1e12, 3)
-    if args.append and args.out.exists():
+    old = json.loads(args.out.read_text()) if args.append and args.out.exists() else []
+
+    def save(records: list[dict]) -> list[dict]:
+        """Write ``records`` (merged into the old file with ``--append``) after every shape, so a cut run keeps its part."""
+        for rec in records:
+            rec["copy_tbps"] = round(bw / 1e12, 3)
         fresh = {(r["kernel"], r["K"], r["N"], r["M"]) for r in records}
-        records = [r for r in json.loads(args.out.read_text()) if (r["kernel"], r["K"], r["N"], r["M"]) not in fresh] + records
-    args.out.write_text(json.dumps(records, indent=1) + "\n")
-    print(markdown(records))
+        merged = [r for r in old if (r["kernel"], r["K"], r["N"], r["M"]) not in fresh] + records
+        args.out.write_text(json.dumps(merged, indent=1) + "\n")
+        return merged
+
+    print(markdown(save(bench(shapes, ms, args.kernels, bw, save))))
     if args.sass:
         args.sass.write_text(json.dumps(sass_report(), indent=1) + "\n")
 

@@ -55,12 +55,13 @@ def _store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_
 
 @triton.jit
 def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tile, pid_k,
-           COL_MULT: tl.constexpr, SPLIT_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+           COL_MULT: tl.constexpr, SPLIT_K, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """Write ``acc [BM, BN]`` (fp32, before scaling) as ``y[rows, cols]``.
 
     With ``SPLIT_K > 1`` every program stores its partial tile in the workspace and bumps the
     tile's counter; the one that sees ``SPLIT_K - 1`` sums the partials, resets the counter to 0
-    for the next launch and writes the output.
+    for the next launch and writes the output. ``SPLIT_K`` is a run-time value (Triton
+    specializes 1), so split-K variants share one compiled kernel.
     """
     if SPLIT_K == 1:
         _store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
@@ -74,7 +75,7 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = tl.zeros([BM, BN], tl.float32)
-            for s in tl.static_range(SPLIT_K):
+            for s in range(SPLIT_K):
                 total += tl.load(base + s * (BM * BN) + offs, cache_modifier=".cg")
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _store_scaled(total, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS,

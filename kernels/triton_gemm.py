@@ -77,7 +77,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                SPLIT_K: tl.constexpr, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                SPLIT_K, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``y = x @ W^T``; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K), M tiles grouped by GROUP_M for L2 reuse."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)

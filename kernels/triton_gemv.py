@@ -98,7 +98,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2, magic,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
-                BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K: tl.constexpr, WIN: tl.constexpr,
+                BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, WIN: tl.constexpr,
                 HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
                 ACT_BITS: tl.constexpr = 0):
     """``y[:M] = x[:M] @ W^T`` for M <= BM; grid (cdiv(N, BN), SPLIT_K).

@@ -5,6 +5,9 @@
 #   bench1  the benchmark of the committed code, first four shapes (docs/results/kernels-h200.json)
 #   bench2  the other four shapes and W3/W8/W4A4 (--append, onto bench1's file), with the compiler report
 #   bench   bench1 then bench2 in one command
+#   all     what a short lease allows in one command: the GPU tests of 8192x8192, act-quant, split channels and
+#           graphs/compile (at most TEST_S seconds), then the benchmark of W2A16/W4A16/W2A2/act-quant on every
+#           shape (headline shapes first) at M = 1, 2, 4, 8, 16, 64, 1024, saved after each shape
 # Logs and results land in $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -35,6 +38,13 @@ case "${1:-}" in
   bench)
     bash "$0" bench1 && bash "$0" bench2
     ;;
-  *) echo "usage: $0 tune|bench1|bench2|bench" >&2; exit 2 ;;
+  all)
+    timeout "${TEST_S:-80}" python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -x -q \
+        -k "(8192-8192 and every_shape) or actquant_bit_exact or split_channels or cuda_graph" 2>&1 | tee "$OUT/gpu_tests.log"
+    python3 -m kernels.bench --kernels w2a16,w4a16,w2a2,actquant2 --ms 1,2,4,8,16,64,1024 \
+        --shapes 8192x8192,4096x14336,4096x4096,4096x11008,11008x4096,14336x4096,8192x28672,28672x8192 \
+        --out "$OUT/kernels-h200.json" --sass "$OUT/sass.json" 2>&1 | tee "$OUT/bench.log"
+    ;;
+  *) echo "usage: $0 tune|bench1|bench2|bench|all" >&2; exit 2 ;;
 esac
 echo "phase ${1} done in ${SECONDS}s" | tee -a "$OUT/gpu.txt"
