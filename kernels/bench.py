@@ -40,7 +40,7 @@ from .triton_ops import (TABLE, Config, choose_config, gemv_split, gemv_tile, la
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
           (28672, 8192)]
 MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
-KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]  # also "w2a2sep": act-quant, then linear
+KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]
 QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_MS = [1, 16, 64, 1024]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
@@ -116,12 +116,10 @@ def make_layers(k: int, n: int, bits: int, count: int) -> list[PackedLinear]:
     return layers
 
 
-def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config | None, act_bits: int | None,
-                separate: bool = False):
-    """One call of the op; ``separate``: W{b}A{a} as the act-quant kernel + the linear on its output, never fused."""
-    if not separate:
+def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config | None, act_bits: int | None):
+    if act_bits is None:
         return lambda: launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None,
-                                     layer.bits, 8, layer.in_features, x.dtype, cfg, out, act_bits=act_bits)
+                                     layer.bits, 8, layer.in_features, x.dtype, cfg, out)
 
     def call():
         xq, ts = launch_actquant(x, None, act_bits)
@@ -131,14 +129,14 @@ def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Co
 
 
 def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None, act_bits: int | None,
-                separate: bool = False, **timing) -> float:
+                **timing) -> float:
     out = torch.empty(x.shape[0], layers[0].out_features, dtype=x.dtype, device="cuda")
-    return graph_time_us([linear_call(layer, x, out, cfg, act_bits, separate) for layer in layers], **timing)
+    return graph_time_us([linear_call(layer, x, out, cfg, act_bits) for layer in layers], **timing)
 
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``."""
-    if m <= 4:
+    if m <= 2:
         bm, bn, bg, w = gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
@@ -202,7 +200,7 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
                 else:
                     wb, ab = (int(v) for v in re.match(r"w(\d)a(\d+)", name).groups())
                     act = None if ab == 16 else ab
-                    us = time_kernel(layers[wb], x, None, act, separate=name.endswith("sep"))
+                    us = time_kernel(layers[wb], x, None, act)
                     nbytes, cfg = packed_bytes(layers[wb][0]) + io, choose_config(wb, m, n, k)
                 rec = dict(kernel=name, K=k, N=n, M=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
                            speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),

@@ -45,62 +45,31 @@ def e4m3_round_up(r):
 
 
 @triton.jit
-def group_span(x, AX: tl.constexpr):
-    """Per group (``x [..., 32]``, the group's values along axis ``AX`` = the last): min with zero included, max - min."""
-    lo = tl.minimum(tl.min(x, axis=AX), 0.0)
-    return lo, tl.maximum(tl.max(x, axis=AX), 0.0) - lo
-
-
-@triton.jit
-def group_range(x, QMAX: tl.constexpr, AX: tl.constexpr):
-    """Per group: min with zero included and the raw scale ``(max - min) / QMAX``."""
-    lo, span = group_span(x, AX)
-    return lo, tl.div_rn(span, tl.full(lo.shape, QMAX, tl.float32))
-
-
-@triton.jit
-def token_scale(raw_max):
-    """The per-token factor ``max_g(raw) / 448`` (``ALL_ZERO_ROW_SCALE`` for an all-zero token)."""
-    ts = tl.div_rn(raw_max, 448.0)
-    return tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
-
-
-@triton.jit
-def quantize_groups(x, lo, raw, ts, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, AX: tl.constexpr):
-    """Codes of ``x [..., 32]`` (group stats ``lo``, ``raw`` and token scale ``ts``, all of the groups' shape).
-
-    Returns ``(xq, code, byte, zero)``: ``xq = (code - zero) * e4m3 * XQ_MUL`` (exact in fp16 for
-    ``XQ_MUL = 2^-a``, a <= 7), the codes, E4M3 bytes and zero points. ``x / step`` per element is
-    one reciprocal per group and Markstein's correction, ``q = x r; q += (x - q step) r`` with
-    ``r = 1/step`` correctly rounded: the correctly rounded quotient (as ``div_rn``) for normal operands.
-    """
-    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, ts), 0.001953125), 448.0)
-    byte = e4m3_round_up(ratio)
-    e4m3 = e4m3_scaled(byte) * 256.0
-    step = e4m3 * ts
-    zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
-    r = tl.expand_dims(tl.div_rn(tl.full(step.shape, 1.0, tl.float32), step), AX)
-    q = x * r
-    q = tl.fma(tl.fma(-tl.broadcast_to(tl.expand_dims(step, AX), x.shape), q, x), r, q)  # == div_rn(x, step)
-    zb = tl.expand_dims(zero, AX)
-    code = tl.minimum(tl.maximum(_rint(q) + zb, 0.0), QMAX)
-    return (code - zb) * tl.expand_dims(e4m3 * XQ_MUL, AX), code, byte, zero
-
-
-@triton.jit
 def _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """Groups ``g`` of token ``m``: their values ``[BG, 32]`` (fp32), column index, min (<= 0) and raw scale."""
     k = g[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT).to(tl.float32)
-    lo, raw = group_range(x, QMAX, 1)
-    return x, k, lo, raw
+    lo = tl.minimum(tl.min(x, axis=1), 0.0)
+    hi = tl.maximum(tl.max(x, axis=1), 0.0)
+    return x, k, lo, tl.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32))
 
 
 @triton.jit
 def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
                     QMAX: tl.constexpr, XQ_MUL: tl.constexpr, WRITE_CODES: tl.constexpr):
-    """Quantizes groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (and codes)."""
-    xq, code, byte, zero = quantize_groups(x, lo, raw, tl.full(raw.shape, 1.0, tl.float32) * ts, QMAX, XQ_MUL, 1)
+    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (and codes)."""
+    BG: tl.constexpr = x.shape[0]
+    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
+    byte = e4m3_round_up(ratio)
+    e4m3 = e4m3_scaled(byte) * 256.0
+    step = e4m3 * ts
+    zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
+    r = tl.div_rn(tl.full([BG], 1.0, tl.float32), step)[:, None]
+    stepb = tl.broadcast_to(step[:, None], (BG, 32))
+    q = x * r
+    q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
+    code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
+    xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
     kmask = k < Kq
     tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
     if WRITE_CODES:
@@ -112,7 +81,8 @@ def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_pt
 
 @triton.jit
 def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
-    ts = token_scale(tl.max(rmax, axis=0))
+    ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
+    ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
     tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
     return ts
 
@@ -124,7 +94,9 @@ def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zer
     """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
 
     The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
-    stays in registers and there is one pass.
+    stays in registers and there is one pass. ``x / step`` per element is one reciprocal per
+    group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
+    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
     """
     m = tl.program_id(0)
     G = Kq // 32

@@ -24,18 +24,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_actquant import group_range, group_span, quantize_groups, token_scale
 from .triton_common import e4m3_scaled, finish, load_act
 
 MAGIC_BITS = 0x4B000000  # exponent field of 2^23 (150 << 23); passed at run time so no constant gets folded
 
 
 @triton.jit
-def _x_at(x_ptr, stride_xm, m, k, valid, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
-    """Activations at tokens ``m`` and expanded columns ``k`` as fp32 (0 where not ``valid``)."""
+def _x_tile(x_ptr, stride_xm, tok, g, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+    """Activations ``[BM, BG, 32]`` of groups ``g`` as loaded (0 off the input and for groups >= ``g_hi``)."""
+    k = (g * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]
+    valid = (g < g_hi)[None, :, None]
+    m = tok[:, None, None]
     if EVEN_K:
-        return tl.load(x_ptr + m * stride_xm + k, mask=valid & (m < M), other=0.0).to(tl.float32)
-    return tl.where(valid, load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT), 0.0).to(tl.float32)
+        return tl.load(x_ptr + m * stride_xm + k, mask=valid & (m < M), other=0.0)
+    return load_act(x_ptr, stride_xm, m, tl.where(valid, k, Kq), M, K, Kp, Kq, split_ptr, HAS_SPLIT)
+
+
+@triton.jit
+def _sz_bytes(s_ptr, z_ptr, g, g_hi, cols4, cmask, stride_sg, stride_sn):
+    """Scale and zero bytes ``[1, BG, 1, BN]`` of groups ``g``, 4 columns per thread like the words (same layout)."""
+    pmask = (g < g_hi)[None, :, None, None] & cmask[None, None, None, :]
+    poffs = g[None, :, None, None] * stride_sg + cols4[None, None, None, :] * stride_sn
+    return tl.load(s_ptr + poffs, mask=pmask, other=0), tl.load(z_ptr + poffs, mask=pmask, other=0)
 
 
 @triton.jit
@@ -99,16 +109,11 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, WIN: tl.constexpr,
-                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                ACT_BITS: tl.constexpr = 0):
+                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
     """``y[:M] = x[:M] @ W^T`` for M <= BM; grid (cdiv(N, BN), SPLIT_K).
 
     ``magic`` is :data:`MAGIC_BITS`; ``WIN`` the mantissa window of one shifted word copy
-    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact). With
-    ``ACT_BITS`` > 0 the activations are quantized here, exactly as
-    :func:`kernels.triton_actquant.actquant_kernel` does (W{b}A{a} without a separate launch):
-    every program first scans its tokens' rows for the token scale (L2 reads), then quantizes
-    the groups of each step before using them.
+    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact).
     """
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -127,36 +132,21 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         coef += _offset_coef((kk % (32 // P1)), P1, S1, WIN)
     if P2 > 0:
         coef += _offset_coef((kk % (32 // P2)), P2, S2, WIN)
-    if ACT_BITS > 0:
-        QMAX: tl.constexpr = (1 << ACT_BITS) - 1
-        XQ_MUL: tl.constexpr = 1.0 / (1 << ACT_BITS)
-        gs = tl.arange(0, 16)
-        smax = tl.zeros([BM, 16], tl.float32)
-        for c0 in range(0, G, 16):
-            xa = _x_at(x_ptr, stride_xm, tok[:, None, None], ((c0 + gs) * 32)[None, :, None] + kk[None, None, :],
-                       (c0 + gs < G)[None, :, None], M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-            smax = tl.maximum(smax, group_span(xa, 2)[1])  # padding groups: span 0
-        # max_g RN(span_g / QMAX) = RN(max_g span_g / QMAX): correctly rounded division is monotonic
-        ts = token_scale(tl.div_rn(tl.max(smax, axis=1), tl.full([BM], QMAX, tl.float32)))
     acc = tl.zeros([BM, BN], tl.float32)
+    # every operand of a step is loaded one step ahead and used as loaded (conversions happen at use)
+    gs = tl.arange(0, BG)
     nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g_lo, g_hi, cols, cmask, P0, BG)
+    nxt_x = _x_tile(x_ptr, stride_xm, tok, g_lo + gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
+    nxt_s, nxt_z = _sz_bytes(s_ptr, z_ptr, g_lo + gs, g_hi, cols4, cmask, stride_sg, stride_sn)
     for g0 in range(g_lo, g_hi, BG):
-        words = nxt
+        words, xt, sbytes, zbytes = nxt, nxt_x, nxt_s, nxt_z
         nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0 + BG, g_hi, cols, cmask, P0, BG)
-        g = g0 + tl.arange(0, BG)
-        gmask = g < g_hi
-        # scale and zero bytes [1, BG, BN], read 4 columns per thread like the words (same register layout)
-        pmask = gmask[None, :, None, None] & cmask[None, None, None, :]
-        poffs = g[None, :, None, None] * stride_sg + cols4[None, None, None, :] * stride_sn
-        c = tl.sum(e4m3_scaled(tl.load(s_ptr + poffs, mask=pmask, other=0)), axis=2)  # (sum over a size-1 axis:
-        zb = tl.sum(tl.load(z_ptr + poffs, mask=pmask, other=0).to(tl.float32), axis=2)  # the words' layout)
-        zb = (zb - ZOFF) * ZMUL
+        nxt_x = _x_tile(x_ptr, stride_xm, tok, g0 + BG + gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
+        nxt_s, nxt_z = _sz_bytes(s_ptr, z_ptr, g0 + BG + gs, g_hi, cols4, cmask, stride_sg, stride_sn)
+        c = tl.sum(e4m3_scaled(sbytes), axis=2)  # (a sum over the size-1 axis: the words' register layout)
+        zb = (tl.sum(zbytes.to(tl.float32), axis=2) - ZOFF) * ZMUL
+        xt = xt.to(tl.float32)
         # per (token, group): X = sum x and XO = sum coef * x, cooperatively over the program's threads
-        xt = _x_at(x_ptr, stride_xm, tok[:, None, None], (g * 32)[None, :, None] + kk[None, None, :],
-                   gmask[None, :, None], M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-        if ACT_BITS > 0:
-            lo, raw = group_range(xt, QMAX, 2)
-            xt = quantize_groups(xt, lo, raw, tl.full(raw.shape, 1.0, tl.float32) * ts[:, None], QMAX, XQ_MUL, 2)[0]
         X = tl.sum(xt, axis=2)
         XO = tl.sum(xt * coef[None, None, :], axis=2)
         # every thread needs all of xt (a broadcast through shared memory); the sum over a size-1 axis keeps
@@ -172,7 +162,5 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             d += _plane(w2, xt, magic, P2, S2, WIN, BM, BG)
         t = zb * X[:, :, None] + XO[:, :, None]
         acc += tl.sum(c * (d - t), axis=1)
-    if ACT_BITS > 0:
-        acc = acc * (ts * (1.0 / XQ_MUL))[:, None]
     finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
            COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

@@ -5,9 +5,6 @@ Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile
 * ``linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
   in_features, out_dtype)``: ``x [..., K] @ W_b^T``; with ``token_scale`` the input is already
   quantized (``xq`` of ``quantize_act``) and each row is scaled by it.
-* ``linear_wa(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, in_features,
-  act_bits, out_dtype)``: W{b}A{a}, the activations quantized per token first (fused into the GEMV
-  at decode sizes, else ``quantize_act`` then ``linear``).
 * ``quantize_act(x, split_index, act_bits) -> (xq fp16 [..., Kq], token_scale fp32 [...])``.
 
 Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
@@ -44,7 +41,7 @@ ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chu
 class Config:
     """A launch configuration.
 
-    ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 4; block_k = groups per step), ``"gemm"`` (fused
+    ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemm"`` (fused
     dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it).
@@ -87,23 +84,21 @@ def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132) -> i
 
 
 def gemv_tile(bits: int, m: int) -> tuple[int, int, int, int]:
-    """``(block_m, block_n, groups per step, warps)`` of the GEMV: at most ~128 registers under Triton 3.6."""
-    bm = m_bucket(m)
-    if bm == 1:
-        return bm, 512, 2 if bits <= 3 else 1, 4
-    return (bm, 512, 1, 4) if bm == 2 else (bm, 512, 1, 8)
+    """``(block_m, block_n, groups per step, warps)`` of the GEMV (M <= 2): about 128 registers under Triton 3.6."""
+    return (1, 512, 2 if bits <= 3 else 1, 4) if m == 1 else (2, 512, 1, 4)
 
 
 def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
-    GEMV for up to four tokens (split along K for about three programs per SM); split-K
+    GEMV for one or two tokens (split along K for about three programs per SM; at M = 4 the
+    GEMV measured 0.45x of bf16 on the H200, its 4-token tiles spill or shuffle); split-K
     tensor-core tiles up to 64 tokens with enough programs for two per SM; the fused
     tensor-core GEMM at 65..127 tokens; dequantize-then-cuBLAS from 128 tokens, where the GEMM
     is compute-bound.
     """
     sms = 132
-    if m <= 4:
+    if m <= 2:
         bm, bn, bg, warps = gemv_tile(bits, m)
         return Config("gemv", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
     if m <= 64:
@@ -146,13 +141,8 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                   row_scale: torch.Tensor, split_index: torch.Tensor | None, token_scale: torch.Tensor | None,
                   bias: torch.Tensor | None, bits: int, master_bits: int, in_features: int,
-                  out_dtype: torch.dtype, config: Config | None = None, out: torch.Tensor | None = None,
-                  act_bits: int | None = None) -> torch.Tensor:
-    """Run the W{b} linear on ``x [M, K]`` (contiguous rows) into ``out`` (new if None); ``config`` overrides the table.
-
-    ``act_bits`` quantizes the activations first (W{b}A{a}): inside the GEMV where the shape runs
-    it, else by :func:`launch_actquant` and the weight kernel on its ``xq`` and token scale.
-    """
+                  out_dtype: torch.dtype, config: Config | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Run the W{b} linear on ``x [M, K]`` (contiguous rows) into ``out`` (new if None); ``config`` overrides the table."""
     m = x.shape[0]
     n, g = scales.shape
     kq = g * GROUP_SIZE
@@ -160,10 +150,6 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return y
     cfg = config or choose_config(bits, m, n, kq)
-    if act_bits is not None and cfg.kernel != "gemv":
-        xq, ts = launch_actquant(x, split_index, act_bits)
-        return launch_linear(xq, packed, scales, zeros, row_scale, None, ts, bias, bits, master_bits, kq, out_dtype,
-                             cfg, y)
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -191,7 +177,7 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if cfg.kernel == "gemv":
         win = 8 if x.dtype in (torch.bfloat16, torch.float16) else consts["P0"]  # see triton_gemv
         gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, WIN=win,
-                          EVEN_K=in_features == kq, ACT_BITS=act_bits or 0, num_warps=cfg.num_warps)
+                          EVEN_K=in_features == kq, num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -233,9 +219,11 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device)) if write_codes else ())
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
-        # few tokens (decode): one chunk per row and many warps, so each pass is a single step;
-        # many tokens: 1024-value chunks, 4 warps, many programs per SM
-        bg = triton.next_power_of_2(kq // GROUP_SIZE) if m < ACTQUANT_MANY_ROWS else ACTQUANT_GROUPS
+        # few tokens (decode), or rows of a power-of-two number of groups: one chunk per row (one pass, up
+        # to 16 warps); many tokens on other widths: 1024-value chunks, two passes, 4 warps (the H200
+        # measured 56 % of copy bandwidth for one chunk at Kq = 8192, M = 1024, and 46 % for chunks)
+        g = kq // GROUP_SIZE
+        bg = triton.next_power_of_2(g) if m < ACTQUANT_MANY_ROWS or g & (g - 1) == 0 else ACTQUANT_GROUPS
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=bg,
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=bg * GROUP_SIZE >= kq,
@@ -261,21 +249,6 @@ def linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros
 @linear_op.register_fake
 def _linear_fake(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                  in_features, out_dtype):
-    return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
-
-
-@torch.library.custom_op("bitbybit::linear_wa", mutates_args=())
-def linear_wa_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                 master_bits: int, in_features: int, act_bits: int, out_dtype: torch.dtype) -> torch.Tensor:
-    y = launch_linear(_rows(x), packed, scales, zeros, row_scale, split_index, None, bias, bits, master_bits,
-                      in_features, out_dtype, act_bits=act_bits)
-    return y.reshape(*x.shape[:-1], y.shape[-1])
-
-
-@linear_wa_op.register_fake
-def _linear_wa_fake(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, in_features, act_bits,
-                    out_dtype):
     return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 

@@ -21,8 +21,6 @@ case "${1:-}" in
     python3 -m pytest -m gpu tests/gpu/test_kernels_gpu.py -x -q 2>&1 | tee "$OUT/gpu_tests.log"
     python3 -m kernels.bench --tune --tune-budget "${TUNE_BUDGET:-200}" --shapes 8192x8192,4096x14336 \
         --kernels w2a16,w4a16 --ms 1,2,4 --out "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log"
-    python3 -m kernels.bench --shapes 8192x8192,4096x14336 --kernels w2a16,w4a16,w2a2,w2a2sep,actquant2 \
-        --ms 1,2,4,16,64,1024,4096 --out "$OUT/quick.json" 2>&1 | tee "$OUT/quick.log"
     cp kernels/triton_table.json "$OUT/"
     ;;
   bench1)
