@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .grid import GROUP_SIZE, QuantizedWeight, check_bits, slice_codes
-from .packing import pack_codes, unpack_codes
+from .packing import pack_codes, unpack_to_master
 from .reference import linear_wa, linear_wa16
 from .triton_ops import BITBYBIT_OPS
 
@@ -51,7 +51,7 @@ class PackedLinear:
 
     def to_quantized_weight(self) -> QuantizedWeight:
         """The equivalent QuantizedWeight (b-bit codes re-expanded to master positions) for the reference ops."""
-        codes = unpack_codes(self.packed, self.bits) << (self.master_bits - self.bits)
+        codes = unpack_to_master(self.packed, self.bits, self.master_bits)
         return QuantizedWeight(codes, self.scales, self.zeros, self.row_scale, self.in_features,
                                self.group_size, self.master_bits, self.split_index)
 
