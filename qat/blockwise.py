@@ -8,7 +8,9 @@ For each decoder block in order:
    layout; the split is checked to leave the full-precision output unchanged;
 3. the student is trained stage by stage (e.g. {8} -> {8,4} -> {8,4,3} -> {8,4,3,2}, then W2A2),
    minimising the weighted sum of the per-target MSEs to the targets, AdamW, straight-through
-   gradients, a cosine learning rate per stage;
+   gradients, a cosine learning rate per stage; with ``lock_bits`` (e.g. 4: {4,3,2} -> {4,3,2,W2A2}
+   -> {8}) the low precisions train first and the last stage trains the higher ones with the
+   lock_bits codes held (:class:`CellLock`);
 4. the block is saved (resume point), its master-code weights kept for export, and the input
    streams advanced: the teacher's output becomes the next full-precision input and, with
    ``block_input = "quantized"``, each target's stream goes through the quantized student at that
@@ -75,6 +77,44 @@ def validation_mse(student: nn.Module, inputs: Mapping[Target, torch.Tensor], ta
     return out
 
 
+class CellLock:
+    """Keeps a layer's ``bits``-bit codes fixed while its weight trains: after each step the weight is
+    projected into its ``bits``-bit cell of the master grid, and each group's min and max elements are
+    held, so the grid (scales, zeros) and the ``bits``-bit codes cannot change; the finer bits can."""
+
+    MARGIN = 0.49  # master steps inside a cell's edge (round-to-nearest keeps the code)
+
+    def __init__(self, lin: nn.Module, bits: int) -> None:
+        qw = lin.quantized()
+        w = lin.weight.detach()
+        n, kq = w.shape
+        gs, shift = qw.group_size, qw.master_bits - bits
+        self.lin, self.bits = lin, bits
+        self.cells = qw.codes >> shift
+        step = qw.step().repeat_interleave(gs, 1).to(w.device)
+        zero = qw.zeros.float().repeat_interleave(gs, 1).to(w.device)
+        first = (self.cells.to(w.device).float() * 2**shift)
+        lo = (first - self.MARGIN - zero) * step
+        hi = (first + 2**shift - 1 + self.MARGIN - zero) * step
+        g = w.reshape(n, -1, gs)
+        gmin = g.amin(-1, keepdim=True).expand_as(g).reshape(n, kq)
+        gmax = g.amax(-1, keepdim=True).expand_as(g).reshape(n, kq)
+        self.lo, self.hi = torch.maximum(lo, gmin), torch.minimum(hi, gmax)
+        self.held = (w == gmin) | (w == gmax)
+        self.value = w.clone()
+
+    @torch.no_grad()
+    def project(self) -> None:
+        w = self.lin.weight
+        w.copy_(torch.where(self.held, self.value, torch.minimum(torch.maximum(w, self.lo), self.hi)))
+
+    def check(self) -> None:
+        """Raise if the locked codes changed (the projection is meant to make that impossible)."""
+        qw = self.lin.quantized()
+        if not torch.equal(qw.codes >> (qw.master_bits - self.bits), self.cells):
+            raise RuntimeError(f"the locked {self.bits}-bit codes changed while training the higher precisions")
+
+
 LOG_EVERY = 25  # steps between reading the losses back from the device (each read waits for it)
 
 
@@ -114,16 +154,18 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
         metrics["val"].append({"stage": "start", **validation_mse(student, inputs, targets_out, val_rows, final,
                                                                    kwargs, bs, autocast)})
     step = 0
-    for s, stage in enumerate(stages):
-        total = recipe.epochs_per_stage * steps_per_epoch
+    for s, (stage, epochs) in enumerate(zip(stages, recipe.epochs_of_stages())):
+        total = epochs * steps_per_epoch
         opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1), eta_min=recipe.lr / 20)
         metrics["stage_starts"].append(step)
+        lock_bits = recipe.locked_bits(s)
+        locks = [CellLock(lin, lock_bits) for lin in fake_quant_linears(student).values()] if lock_bits else []
         names = ",".join(t.name for t in stage)
         pending: dict[str, list[torch.Tensor]] = {t.name: [] for t in stage}
         bar = tqdm(total=total, desc=f"block {block + 1}/{n_blocks} stage {s + 1}/{len(stages)} [{names}]",
                    leave=False, dynamic_ncols=True)
-        for _ in range(recipe.epochs_per_stage):
+        for _ in range(epochs):
             perm = torch.randperm(n_train, generator=gen)
             for b in range(steps_per_epoch):
                 idx = perm[b * bs:(b + 1) * bs].to(targets_out.device)
@@ -136,12 +178,16 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
                     (recipe.loss_weight(t) * loss).backward()
                     pending[t.name].append(loss.detach())
                 opt.step()
+                for lock in locks:
+                    lock.project()
                 sched.step()
                 step += 1
                 bar.update()
                 if step % LOG_EVERY == 0 or b + 1 == steps_per_epoch:
                     bar.set_postfix(_flush_losses(pending, metrics["train"], step))
         bar.close()
+        for lock in locks:
+            lock.check()
         if has_val:
             metrics["val"].append({"stage": names, **validation_mse(student, inputs, targets_out, val_rows, final,
                                                                       kwargs, bs, autocast)})

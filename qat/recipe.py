@@ -51,6 +51,10 @@ class Recipe:
     bits: list[int] = field(default_factory=lambda: [8, 4, 3, 2])
     default_bits: int | None = None  # default: lowest of bits
     progressive: bool = True  # stages {8} -> {8,4} -> ...; False: one stage with all precisions
+    # Low precisions first: the precisions <= lock_bits (then + W{lowest}A{act}), then the higher ones with
+    # the lock_bits codes locked (weights move only inside their lock_bits cells, so the low precisions keep
+    # what their stages learned). E.g. 2: {2} -> {2, W2A2} -> {8,4,3}. None (default): highest first.
+    lock_bits: int | None = None
     act_bits: int | None = None  # adds a final stage that also trains W{lowest}A{act_bits}
     export_bits: int | None = None  # None: the full nested checkpoint; B: a compact one holding only the B-bit codes
     # Target name -> weight of its MSE (others 1). Equal weights let the 2-bit loss, ~1000x the 8-bit one,
@@ -64,6 +68,9 @@ class Recipe:
     split_segments: int = 1  # tensor-parallel segments of the split region of o_proj/down_proj
     # block-wise training
     epochs_per_stage: int = 2
+    # epochs of each stage, in the order of stages() (one entry per stage); None: epochs_per_stage each.
+    # Measured choices: docs/results/qat-stories260K-sweep2.json (recipes/stories260k-sweep2.sh).
+    stage_epochs: list[int] | None = None
     batch_size: int = 8
     lr: float = 1e-4
     weight_decay: float = 0.0
@@ -91,6 +98,10 @@ class Recipe:
                 raise ValueError(f"invalid bits list {self.bits}: every precision must be an integer in 1..8") from None
         if len(set(self.bits)) != len(self.bits):
             raise ValueError(f"invalid bits list {self.bits}: a precision is repeated")
+        if self.lock_bits is not None and (self.method != "bitbybit" or not self.progressive
+                                           or self.lock_bits not in self.bits or self.lock_bits == max(self.bits)):
+            raise ValueError(f"lock_bits {self.lock_bits} must be one of the trained bits {self.bits} below the highest, "
+                             "with the bitbybit method and progressive stages")
         if self.method == "direct" and len(self.bits) != 1:
             raise ValueError(f"direct QAT trains a single precision; pass one, e.g. --bits 2 (got {self.bits})")
         if self.default_bits is not None and self.default_bits not in self.bits:
@@ -112,6 +123,11 @@ class Recipe:
             raise ValueError(f"loss_weights keys {malformed} are not target names like 'w2a16' or 'w2a2'")
         if self.n_val < 0 or self.epochs_per_stage < 0 or self.lr <= 0:
             raise ValueError("n_val and epochs_per_stage must be >= 0 and lr > 0")
+        if self.stage_epochs is not None:
+            n = len(self.stages())
+            if len(self.stage_epochs) != n or any(e < 0 for e in self.stage_epochs):
+                raise ValueError(f"stage_epochs {self.stage_epochs} must give {n} non-negative epoch counts, one per "
+                                 f"stage ({' -> '.join('+'.join(t.name for t in st) for st in self.stages())})")
 
     def _check_export_bits(self) -> None:
         b = self.export_bits
@@ -131,26 +147,45 @@ class Recipe:
 
     @property
     def trained(self) -> bool:
-        return self.method != "rtn" and self.epochs_per_stage > 0
+        return self.method != "rtn" and sum(self.epochs_of_stages()) > 0
+
+    def epochs_of_stages(self) -> list[int]:
+        """Epochs of each stage of :meth:`stages`, in order."""
+        if self.stage_epochs is not None:
+            return list(self.stage_epochs)
+        return [self.epochs_per_stage] * len(self.stages())
 
     @property
     def lowest_bits(self) -> int:
         return min(self.bits)
 
     def stages(self) -> list[list[Target]]:
-        """The precision stages, highest precision first; each lists the targets trained together."""
+        """The precision stages in training order; each lists the targets trained together.
+
+        Highest precision first by default; with ``lock_bits`` the precisions <= lock_bits come first and the
+        last stage trains the higher ones with the lock_bits codes held (:meth:`locked_bits`).
+        """
         order = sorted(self.bits, reverse=True)
+        act = self.act_bits is not None and self.act_bits != A16
+        if self.lock_bits is not None:
+            low = [Target(b) for b in order if b <= self.lock_bits]
+            stages = [low, [*low, Target(self.lowest_bits, self.act_bits)]] if act else [low]
+            return [*stages, [Target(b) for b in order if b > self.lock_bits]]
         if self.progressive:
             stages = [[Target(b) for b in order[:k + 1]] for k in range(len(order))]
         else:
             stages = [[Target(b) for b in order]]
-        if self.act_bits is not None and self.act_bits != A16:
+        if act:
             stages.append([*stages[-1], Target(self.lowest_bits, self.act_bits)])
         return stages
 
     def targets(self) -> list[Target]:
-        """Every target of the last stage (the ones the checkpoint is trained for)."""
-        return self.stages()[-1]
+        """Every target of any stage (the ones the checkpoint is trained for), in order of first appearance."""
+        return list(dict.fromkeys(t for stage in self.stages() for t in stage))
+
+    def locked_bits(self, stage: int) -> int | None:
+        """The precision whose codes stage ``stage`` may not change (``lock_bits`` in the last stage), else None."""
+        return self.lock_bits if stage == len(self.stages()) - 1 else None
 
     def loss_weight(self, target: Target) -> float:
         return float(self.loss_weights.get(target.name, 1.0))

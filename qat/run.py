@@ -203,6 +203,13 @@ def parse_loss_weights(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(f"invalid loss weights {text!r}: use e.g. w8a16=10,w4a16=3") from None
 
 
+def parse_int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid list {text!r}: use comma-separated integers, e.g. 1,1,2,3,3") from None
+
+
 def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     """(recipe file values, CLI overrides, names given on the command line)."""
     ap = argparse.ArgumentParser(prog="python -m qat.run", description=__doc__.split("\n\n")[0],
@@ -226,6 +233,9 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
                          "linear weights take ~B/8 of the full checkpoint; it then serves at B only "
                          "(default: the full nested checkpoint, servable at every trained precision)")
     ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
+    ap.add_argument("--lock-bits", dest="lock_bits", type=int, metavar="L",
+                    help="train the precisions <= L first (then + W{lowest}A{act}), then the higher ones with the "
+                         "L-bit codes locked, e.g. 2: {2} -> {2,W2A2} -> {8,4,3} (default: highest first)")
     ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
     ap.add_argument("--loss-weights", dest="loss_weights", type=parse_loss_weights,
                     help="per-target loss weights, e.g. w8a16=10,w4a16=3 (others 1)")
@@ -236,6 +246,8 @@ def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     ap.add_argument("--split-bits", dest="split_bits", type=int)
     ap.add_argument("--split-segments", dest="split_segments", type=int)
     ap.add_argument("--epochs-per-stage", dest="epochs_per_stage", type=int)
+    ap.add_argument("--stage-epochs", dest="stage_epochs", type=parse_int_list,
+                    help="epochs of each precision stage in training order, e.g. 1,1,2,3,3 (overrides --epochs-per-stage)")
     ap.add_argument("--batch-size", dest="batch_size", type=int)
     ap.add_argument("--lr", type=float)
     ap.add_argument("--weight-decay", dest="weight_decay", type=float)

@@ -15,6 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from kernels.qmodel import load_quantized, quant_linears
+from kernels.fakequant import FakeQuantLinear
+from kernels.split import split_region_index
+from qat.blockwise import CellLock
 from qat.recipe import Recipe, Target, build_recipe
 from qat.run import main
 
@@ -47,6 +50,44 @@ def test_stages_progressive_ablation_and_activation_stage() -> None:
     assert Recipe(split=False).split_ratio(3, 5) == 0
 
 
+def test_lock_bits_trains_the_low_precisions_then_locks_them() -> None:
+    r = Recipe(lock_bits=2, act_bits=2)
+    assert r.stages() == [[Target(2)], [Target(2), Target(2, 2)], [Target(8), Target(4), Target(3)]]
+    assert r.targets() == [Target(2), Target(2, 2), Target(8), Target(4), Target(3)]
+    assert [r.locked_bits(s) for s in range(3)] == [None, None, 2]
+    assert Recipe(lock_bits=4).stages() == [[Target(4), Target(3), Target(2)], [Target(8)]]
+    assert Recipe(act_bits=2).locked_bits(4) is None
+    assert Recipe(act_bits=2).targets() == Recipe(act_bits=2).stages()[-1]
+    for bad in (8, 5):
+        with pytest.raises(ValueError, match="lock_bits"):
+            build_recipe({}, {"lock_bits": bad})
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_cell_lock_keeps_the_locked_codes_and_the_grid(bits: int) -> None:
+    torch.manual_seed(0)
+    lin = FakeQuantLinear(torch.nn.Linear(80, 24, bias=False), split_region_index([3, 70], 80, 32), 0.01)
+    before = lin.quantized()
+    lock = CellLock(lin, bits)
+    with torch.no_grad():
+        lin.weight.add_(torch.randn_like(lin.weight) * lin.weight.std())
+    lock.project()
+    lock.check()
+    after = lin.quantized()
+    assert torch.equal(after.scales.float(), before.scales.float()) and torch.equal(after.zeros, before.zeros)
+    assert torch.equal(after.codes >> (8 - bits), before.codes >> (8 - bits))
+    assert not torch.equal(after.codes, before.codes)  # the finer bits did move
+
+
+def test_stage_epochs_give_each_stage_its_own_epochs() -> None:
+    assert Recipe(act_bits=2).epochs_of_stages() == [2, 2, 2, 2, 2]
+    r = build_recipe({"act_bits": 2}, {"stage_epochs": [0, 1, 2, 3, 4]})
+    assert r.epochs_of_stages() == [0, 1, 2, 3, 4] and r.trained
+    assert not Recipe(stage_epochs=[0, 0, 0, 0]).trained
+    with pytest.raises(ValueError, match="one per stage"):
+        build_recipe({}, {"stage_epochs": [1, 2]})
+
+
 def test_recipe_file_values_are_overridden_by_flags() -> None:
     r = build_recipe({"lr": 1e-3, "bits": [8, 2]}, {"lr": 5e-4, "bits": None})
     assert r.lr == 5e-4 and r.bits == [8, 2]
@@ -58,6 +99,7 @@ def test_recipe_file_values_are_overridden_by_flags() -> None:
     (["--method", "direct", "--bits", "8,2"], "single precision"),
     (["--bits", "8,4", "--export-bits", "2"], "export_bits 2 is not among the trained bits [8, 4]"),
     (["--export-bits", "8"], "leave --export-bits out"),
+    (["--stage-epochs", "1,1"], "one per stage"),
 ])
 def test_bad_input_is_refused_with_the_fix(args: list[str], message: str, capsys, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
