@@ -19,6 +19,12 @@ _E4M3_MAX_BITS = 0x7E  # 448; 0x7F is NaN in the fn variant
 ALL_ZERO_ROW_SCALE = 2.0**-100  # an all-zero row's factor: its grid reconstructs ~1e-32, i.e. zero
 
 
+def value_checks() -> bool:
+    """Whether data-dependent input checks (NaN, ranges) run: always, except while torch.compile traces
+    (QAT's compiled training step), where each check would be a host sync and a graph break."""
+    return not torch.compiler.is_compiling()
+
+
 def exact_divisor(value: float, like: torch.Tensor) -> torch.Tensor:
     """A Python number as a 0-d tensor on ``like``'s device, so that dividing by it is IEEE division.
 
@@ -37,6 +43,16 @@ def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
     if not torch.is_floating_point(x):
         raise ValueError(f"encode_e4m3 expects a floating tensor, got {x.dtype}")
     x = x.float()
+    if value_checks():
+        _check_e4m3_range(x)
+    near = x.to(torch.float8_e4m3fn)
+    bits = near.view(torch.uint8).to(torch.int16)
+    # Positive E4M3 bit patterns are ordered like their values, so +1 is the next value up.
+    bits = torch.where(near.float() < x, bits + 1, bits).clamp(1, _E4M3_MAX_BITS)
+    return bits.to(torch.uint8).view(torch.float8_e4m3fn)
+
+
+def _check_e4m3_range(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise ValueError("encode_e4m3: scales contain NaN or Inf; check the weights for NaN/Inf")
     if (x <= 0).any() or (x > E4M3_MAX).any():
@@ -44,11 +60,6 @@ def encode_e4m3(x: torch.Tensor) -> torch.Tensor:
             f"encode_e4m3: scales must lie in (0, {E4M3_MAX}]; divide by a row factor first "
             f"(got min {x.min().item():.3g}, max {x.max().item():.3g})"
         )
-    near = x.to(torch.float8_e4m3fn)
-    bits = near.view(torch.uint8).to(torch.int16)
-    # Positive E4M3 bit patterns are ordered like their values, so +1 is the next value up.
-    bits = torch.where(near.float() < x, bits + 1, bits).clamp(1, _E4M3_MAX_BITS)
-    return bits.to(torch.uint8).view(torch.float8_e4m3fn)
 
 
 def decode_e4m3(x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +83,7 @@ def split_row_scale(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     row_scale [...])`` with ``decode_e4m3(e4m3) * row_scale[..., None] >= scales`` up to FP32
     rounding.
     """
-    if (scales < 0).any():
+    if value_checks() and (scales < 0).any():
         raise ValueError("split_row_scale: group scales must not be negative")
     row_scale = scales.amax(dim=-1) / exact_divisor(E4M3_MAX, scales)
     row_scale = torch.where(row_scale > 0, row_scale, torch.full_like(row_scale, ALL_ZERO_ROW_SCALE))

@@ -7,6 +7,11 @@
 dequantized by :func:`kernels.grid.dequantize`. Gradients pass straight through (identity),
 since the grid is derived from the weights rather than learned. ``bits = None`` is the float
 layer (the split layout is an identity in float, so it equals the unsplit layer).
+
+The forward pass also traces under ``torch.compile`` (QAT's compiled training step): there the master
+codes are recomputed inside the graph instead of read from the eager cache, and the format's
+data-dependent input checks are skipped (:func:`kernels.e4m3.value_checks`), so the graph has no
+host syncs and no breaks.
 """
 
 from __future__ import annotations
@@ -69,8 +74,16 @@ class FakeQuantLinear(nn.Module):
         """The b-bit served weight ``[N, Kq]`` with a straight-through gradient to ``self.weight``."""
         check_bits(bits, self.master_bits)
         with torch.no_grad():
-            wq = dequantize(self.quantized(), bits).to(self.weight.device)
+            wq = dequantize(self._master(), bits).to(self.weight.device)
         return straight_through(self.weight, wq)
+
+    def _master(self) -> QuantizedWeight:
+        """:meth:`quantized`; while torch.compile traces, the same quantization traced afresh (the cache,
+        keyed on the weight's version, cannot live in a graph)."""
+        if torch.compiler.is_compiling():
+            return quantize_split_layout(self.weight.detach().float(), self.in_features, self.split_index,
+                                         self.group_size, self.master_bits)
+        return self.quantized()
 
     def float_weight(self) -> torch.Tensor:
         """The unsplit float weight ``[N, K]`` (split columns folded back)."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +135,50 @@ def _flush_losses(pending: dict[str, list[torch.Tensor]], log: dict[str, list], 
     return latest
 
 
+def target_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: Mapping, autocast: bool
+                ) -> torch.Tensor:
+    """MSE of the student block's output for ``x`` (at the target :func:`set_target` put it at) to ``y``."""
+    with torch.autocast(y.device.type, dtype=torch.bfloat16, enabled=autocast):
+        out = run_block(student, x, kwargs)
+    return F.mse_loss(out.float(), y.float())
+
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping, bool], torch.Tensor]
+# Graphs one compiled target_loss may hold: one per target (bits are Python ints the graph specialises on)
+# per block shape (split widths differ between blocks; after the first change torch marks them dynamic).
+RECOMPILE_LIMIT = 64
+
+
+def compiled(fn: LossFn, backend: str = "inductor", mode: str | None = None) -> LossFn:
+    """``fn`` under torch.compile: the per-target forward and its backward become a few fused kernels
+    instead of hundreds of small eager ops (the eager step is launch-bound on a GPU)."""
+    return torch.compile(fn, backend=backend, mode=mode)
+
+
+def backward_targets(loss_fn: LossFn, student: nn.Module, stage: list[Target], weights: Mapping[Target, float],
+                     inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor, idx: torch.Tensor,
+                     kwargs: Mapping, autocast: bool) -> list[torch.Tensor]:
+    """Accumulate the gradient of the stage's weighted loss on rows ``idx``, one target at a time (only one
+    target's activations live at once); returns each target's loss, on the device (reading it would sync)."""
+    losses, y = [], targets_out[idx]
+    for t in stage:
+        set_target(student, t)
+        loss = loss_fn(student, inputs[t][idx], y, kwargs, autocast)
+        (weights[t] * loss).backward()
+        losses.append(loss.detach())
+    return losses
+
+
+@torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
 def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor,
                 n_train: int, kwargs: Mapping, recipe: Recipe, block: int, n_blocks: int, autocast: bool
                 ) -> dict:
-    """Progressive multi-precision training of one student block; returns its loss log."""
+    """Progressive multi-precision training of one student block; returns its loss log.
+
+    With ``recipe.compile`` the per-target loss and its backward run under torch.compile (same math).
+    """
+    loss_fn = compiled(target_loss) if recipe.compile else target_loss
+    weights = {t: recipe.loss_weight(t) for t in recipe.targets()}
     params = [lin.weight for lin in fake_quant_linears(student).values()]
     for p in params:
         p.requires_grad_(True)
@@ -166,17 +206,13 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
         bar = tqdm(total=total, desc=f"block {block + 1}/{n_blocks} stage {s + 1}/{len(stages)} [{names}]",
                    leave=False, dynamic_ncols=True)
         for _ in range(epochs):
-            perm = torch.randperm(n_train, generator=gen)
+            perm = torch.randperm(n_train, generator=gen).to(targets_out.device)  # one copy (a host sync) per epoch
             for b in range(steps_per_epoch):
-                idx = perm[b * bs:(b + 1) * bs].to(targets_out.device)
+                idx = perm[b * bs:(b + 1) * bs]
                 opt.zero_grad(set_to_none=True)
-                for t in stage:
-                    set_target(student, t)
-                    with torch.autocast(targets_out.device.type, dtype=torch.bfloat16, enabled=autocast):
-                        out = run_block(student, inputs[t][idx], kwargs)
-                    loss = F.mse_loss(out.float(), targets_out[idx].float())
-                    (recipe.loss_weight(t) * loss).backward()
-                    pending[t.name].append(loss.detach())
+                losses = backward_targets(loss_fn, student, stage, weights, inputs, targets_out, idx, kwargs, autocast)
+                for t, loss in zip(stage, losses):
+                    pending[t.name].append(loss)
                 opt.step()
                 for lock in locks:
                     lock.project()

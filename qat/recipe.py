@@ -77,6 +77,9 @@ class Recipe:
     block_input: str = "quantized"  # quantized: the quantized prefix's outputs; fp: the teacher's
     device: str = "auto"  # auto | cpu | cuda[:i]
     threads: int | None = None  # CPU threads for torch (None: torch's default); 1 is fastest for tiny models
+    # torch.compile the per-target loss + backward of block training (same math, far fewer kernel launches).
+    # None: on for CUDA, off for CPU (there compiling takes longer than the small runs it would speed up).
+    compile: bool | None = None
     # evaluation after export (python -m qat.eval with these settings)
     eval: bool = True
     eval_data: str | None = None  # text file; None: the held-out part of calib_data

@@ -24,8 +24,8 @@ from .recipe import Recipe
 
 log = logging.getLogger("qat")
 # Fields that do not change what is trained: a resumed run may differ in these.
-NOT_TRAINING_FIELDS = ("run_dir", "output", "restart", "export_bits", "device", "threads", "eval", "eval_data", "eval_ctx",
-                       "eval_max_tokens")
+NOT_TRAINING_FIELDS = ("run_dir", "output", "restart", "export_bits", "device", "threads", "compile", "eval",
+                       "eval_data", "eval_ctx", "eval_max_tokens")
 
 
 class RunDir:
