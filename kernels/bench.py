@@ -248,10 +248,10 @@ def _loop_mix(sass: str) -> tuple[int, Counter]:
     return len(best), ops
 
 
-def sass_report() -> list[dict]:
-    """Registers, spills, shared memory and main-loop instruction mix of every compiled kernel variant."""
+def sass_report(kernels: tuple = (gemv_kernel, gemm_kernel, actquant_kernel)) -> list[dict]:
+    """Registers, spills, shared memory and main-loop instruction mix of every compiled variant of ``kernels``."""
     report = []
-    for fn in (gemv_kernel, gemm_kernel, actquant_kernel):
+    for fn in kernels:
         for caches in fn.device_caches.values():
             for key, kernel in caches[0].items():
                 with tempfile.NamedTemporaryFile(suffix=".cubin") as f:

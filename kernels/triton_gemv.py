@@ -30,9 +30,10 @@ MAGIC_BITS = 0x4B000000  # exponent field of 2^23 (150 << 23); passed at run tim
 
 
 @triton.jit
-def _x_tile(x_ptr, stride_xm, tok, g, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
-    """Activations ``[BM, BG, 32]`` of groups ``g`` as loaded (0 off the input and for groups >= ``g_hi``)."""
-    k = (g * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]
+def _x_tile(x_ptr, stride_xm, tok, g, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr,
+            kk):
+    """Activations ``[BM, BG, 32]``: columns ``kk`` of groups ``g`` (0 off the input and for groups >= ``g_hi``)."""
+    k = (g * 32)[None, :, None] + kk[None, None, :]
     valid = (g < g_hi)[None, :, None]
     m = tok[:, None, None]
     if EVEN_K:
@@ -104,6 +105,28 @@ def _load_rows(w_ptr, stride_ww, stride_wn, row0, g0, g_hi, cols, cmask, P: tl.c
 
 
 @triton.jit
+def _program_tile(N, Kq, SPLIT_K, BN: tl.constexpr, BG: tl.constexpr):
+    """This program's columns (and mask), the same with 4-column runs marked, and its group range ``[g_lo, g_hi)``."""
+    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    G = Kq // 32
+    per_split = tl.cdiv(tl.cdiv(G, SPLIT_K), BG) * BG
+    g_lo = tl.program_id(1) * per_split
+    return cols, cols < N, tl.max_contiguous(cols, 4), g_lo, tl.minimum(G, g_lo + per_split)
+
+
+@triton.jit
+def _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cmask, cols4, M, K, Kp, Kq, stride_xm,
+                   stride_ww, stride_wn, stride_sg, stride_sn, P0: tl.constexpr, BG: tl.constexpr,
+                   HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The step at group ``g0`` as loaded: words of plane 0, activations (columns ``kk``), scale and zero bytes."""
+    gs = g0 + tl.arange(0, BG)
+    words = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0, g_hi, cols, cmask, P0, BG)
+    xt = _x_tile(x_ptr, stride_xm, tok, gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K, kk)
+    sbytes, zbytes = _sz_bytes(s_ptr, z_ptr, gs, g_hi, cols4, cmask, stride_sg, stride_sn)
+    return words, xt, sbytes, zbytes
+
+
+@triton.jit
 def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr, y_ptr, ws_ptr, cnt_ptr,
                 M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, R1, R2, magic,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
@@ -115,15 +138,7 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
     ``magic`` is :data:`MAGIC_BITS`; ``WIN`` the mantissa window of one shifted word copy
     (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact).
     """
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    cols = pid_n * BN + tl.arange(0, BN)
-    cmask = cols < N
-    cols4 = tl.max_contiguous(cols, 4)
-    G = Kq // 32
-    per_split = tl.cdiv(tl.cdiv(G, SPLIT_K), BG) * BG
-    g_lo = pid_k * per_split
-    g_hi = tl.minimum(G, g_lo + per_split)
+    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, BG)
     tok = tl.arange(0, BM)
     kk = tl.arange(0, 32)
     # offset coefficient of every column of a group (all planes), for XO = sum_k coef_k x_k
@@ -134,15 +149,14 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
         coef += _offset_coef((kk % (32 // P2)), P2, S2, WIN)
     acc = tl.zeros([BM, BN], tl.float32)
     # every operand of a step is loaded one step ahead and used as loaded (conversions happen at use)
-    gs = tl.arange(0, BG)
-    nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g_lo, g_hi, cols, cmask, P0, BG)
-    nxt_x = _x_tile(x_ptr, stride_xm, tok, g_lo + gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-    nxt_s, nxt_z = _sz_bytes(s_ptr, z_ptr, g_lo + gs, g_hi, cols4, cmask, stride_sg, stride_sn)
+    nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4,
+                                              M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
+                                              P0, BG, HAS_SPLIT, EVEN_K)
     for g0 in range(g_lo, g_hi, BG):
         words, xt, sbytes, zbytes = nxt, nxt_x, nxt_s, nxt_z
-        nxt = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0 + BG, g_hi, cols, cmask, P0, BG)
-        nxt_x = _x_tile(x_ptr, stride_xm, tok, g0 + BG + gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K)
-        nxt_s, nxt_z = _sz_bytes(s_ptr, z_ptr, g0 + BG + gs, g_hi, cols4, cmask, stride_sg, stride_sn)
+        nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols,
+                                                  cmask, cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg,
+                                                  stride_sn, P0, BG, HAS_SPLIT, EVEN_K)
         c = tl.sum(e4m3_scaled(sbytes), axis=2)  # (a sum over the size-1 axis: the words' register layout)
         zb = (tl.sum(zbytes.to(tl.float32), axis=2) - ZOFF) * ZMUL
         xt = xt.to(tl.float32)
@@ -162,5 +176,5 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             d += _plane(w2, xt, magic, P2, S2, WIN, BM, BG)
         t = zb * X[:, :, None] + XO[:, :, None]
         acc += tl.sum(c * (d - t), axis=1)
-    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_n, pid_k,
-           COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
+    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
+           tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

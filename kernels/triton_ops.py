@@ -30,6 +30,7 @@ from .triton_actquant import actquant_kernel
 from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
 from .triton_gemv import MAGIC_BITS, gemv_kernel
+from .triton_gemv_h2 import ASM, H2_ONE, check_h2, gemv_h2_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
@@ -41,7 +42,8 @@ ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chu
 class Config:
     """A launch configuration.
 
-    ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemm"`` (fused
+    ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemv_h2"`` (the
+    same on packed half2 arithmetic, experimental: 2/4/8-bit weights, 16-bit inputs), ``"gemm"`` (fused
     dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it).
@@ -153,13 +155,14 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
-    if cfg.kernel == "gemv" and m > cfg.block_m:
+    gemv = cfg.kernel in ("gemv", "gemv_h2")
+    if gemv and m > cfg.block_m:
         raise ValueError(f"this GEMV configuration takes at most {cfg.block_m} rows, got {m}")
     mult = 2 ** (master_bits - bits)
     has_split = split_index is not None and split_index.numel() > 0
     cnt = _counter_buffer(x.device)
     bm = cfg.block_m
-    tiles = triton.cdiv(n, cfg.block_n) * (1 if cfg.kernel == "gemv" else triton.cdiv(m, bm))
+    tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, bm))
     split_k = cfg.split_k if tiles <= COUNTERS else 1
     grid = (tiles, split_k)
     ws = torch.empty(tiles * split_k * bm * cfg.block_n if split_k > 1 else 1, dtype=torch.float32,
@@ -178,6 +181,10 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         win = 8 if x.dtype in (torch.bfloat16, torch.float16) else consts["P0"]  # see triton_gemv
         gemv_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, WIN=win,
                           EVEN_K=in_features == kq, num_warps=cfg.num_warps)
+    elif cfg.kernel == "gemv_h2":
+        check_h2(bits, x.dtype)
+        gemv_h2_kernel[grid](*args, H2_ONE, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, EVEN_K=in_features == kq,
+                             ASM=ASM, num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
                           GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

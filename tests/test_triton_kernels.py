@@ -148,3 +148,28 @@ else:
         out = run(xq, lay, Config("dense", 0, 16, 32), torch.float16, token_scale=ts, split=False,
                   in_features=xq.shape[1])
         assert rel_err(out, linear_wa(x.double(), lay.to_quantized_weight(), bits, 4)) < TOL[torch.float16]
+
+    @pytest.mark.parametrize("bits", [2, 4, 8])
+    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv_h2", 1, 8, 2)), (2, Config("gemv_h2", 2, 16, 1, split_k=3))])
+    def test_gemv_h2_matches_reference(bits, m, cfg):
+        """The half2 GEMV (plain-op twins of its PTX) with split channels, K padding and a 1e4 outlier channel."""
+        lay = layer(bits, seed=30 + bits)
+        for dtype in (torch.bfloat16, torch.float16):
+            x = torch.randn(m, K)
+            x[0, 5] = 1e4
+            x = x.to(dtype)
+            ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
+            assert rel_err(run(x, lay, cfg, torch.float32), ref) < 2e-3  # fp16 products and group sums only
+            assert rel_err(run(x, lay, cfg, dtype), ref) < TOL[dtype]
+
+    def test_gemv_h2_quantized_activations_and_limits():
+        lay = layer(2, seed=40)
+        x = torch.randn(1, K, dtype=torch.bfloat16)
+        xq, ts = launch_actquant(x, lay.split_index, 4)
+        out = run(xq, lay, Config("gemv_h2", 1, 16, 1), torch.bfloat16, token_scale=ts, split=False,
+                  in_features=xq.shape[1])
+        assert rel_err(out, linear_wa(x.double(), lay.to_quantized_weight(), 2, 4)) < TOL[torch.bfloat16]
+        with pytest.raises(ValueError, match="gemv_h2"):
+            run(x.float(), lay, Config("gemv_h2", 1, 16, 1), torch.float32)
+        with pytest.raises(ValueError, match="gemv_h2"):
+            run(x, layer(3), Config("gemv_h2", 1, 16, 1), torch.bfloat16)

@@ -1,0 +1,205 @@
+"""Experimental W{b}A16 GEMV on packed half2 arithmetic (``Config("gemv_h2", ...)``; not the default).
+
+Same work split as :mod:`kernels.triton_gemv` (``BN`` columns and a K range per program,
+``BG`` groups per step, operands loaded a step ahead, split-K reduced by the last program), but
+the codes are dequantized and multiplied two at a time in fp16 (Marlin's trick), so a 2-bit code
+costs about 1.5 instructions at M = 1 (LOP3, HADD2, HFMA2 per pair) instead of 3.3:
+
+* Dequantization: a packed word holds ``SLOTS = 32 / P`` codes, code ``i`` at bits ``[i P, i P + P)``,
+  so its two 16-bit halves hold codes ``t`` and ``t + SLOTS / 2``. ``(w >> 8 s) & (mask << P j) |
+  0x64006400`` (one LOP3; one shift per 8 bits) is the half2 ``1024 + 2^(P j) q`` exactly, and one
+  ``add.f16x2`` of ``-(1024 + 2^(P j) C)`` makes it ``2^(P j) (q - C)``, exact (``C = 2^(P-1)``
+  centres the codes, which keeps the fp16 sums small).
+* Products: one ``fma.rn.f16x2`` per code pair and token accumulates ``2^(P j) (q - C) x'`` in fp16
+  over one group (16 pairs; the word rows of a group in parallel chains, added at the end), with
+  ``x' = x 2^(e - P j)``: ``2^e`` per token and group puts ``max |x 2^e|`` in ``[2^(7-P), 2^(8-P))``
+  (exact, whatever the activations' magnitude) and the pair of slot ``j`` is prescaled by
+  ``2^(-P j)``, so every product is ``(q - C) x 2^e`` (at most 128, the sums at most 2048: far
+  from fp16's range). The group's two halves are converted to fp32 and summed, the zero point is
+  applied as in the fp32 kernel (``- (zero - C) sum x 2^e``), and the scale times ``2^-e``
+  accumulates groups in fp32.
+* The activations of a step are loaded in pair order, scaled, rounded to fp16 and packed into
+  half2 words cooperatively (once per program), then broadcast to every thread.
+
+Inline PTX is not available to the interpreter: with ``ASM`` off every half2 helper computes the
+same thing with plain Triton ops (fp16 halves of uint32 containers, one rounding per result), so
+the CPU tests run the same algorithm. Single-plane codes only (2, 4 and 8 bits), 16-bit activations.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_common import e4m3_scaled, finish
+from .triton_gemv import _pick, _program_tile, _step_operands
+
+ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX on the GPU, plain-op twins under the interpreter
+H2_BITS = (2, 4, 8)  # single-plane widths
+H2_ONE = 0x64006400  # half2 (1024, 1024)
+
+
+def check_h2(bits: int, x_dtype: torch.dtype) -> None:
+    """Raise unless the half2 GEMV serves this layer and input (single-plane codes, 16-bit activations)."""
+    if bits not in H2_BITS or x_dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemv_h2 serves {H2_BITS}-bit weights on fp16/bf16 inputs, got {bits} bits, {x_dtype}")
+
+
+@triton.jit
+def _halves(v):
+    """The fp16 halves (low, high) of half2 containers ``v`` (uint32), as float32."""
+    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _join(lo, hi):
+    """half2 containers of ``lo`` and ``hi`` (each rounded to fp16 once, to nearest even)."""
+    return lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) | (
+        hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
+
+
+@triton.jit
+def hfma2(a, b, c, ASM: tl.constexpr):
+    """``a * b + c`` on half2 containers (uint32, broadcast), rounded once per half: ``fma.rn.f16x2``."""
+    if ASM:
+        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    al, ah = _halves(a)
+    bl, bh = _halves(b)
+    cl, ch = _halves(c)
+    # float64: the product of two fp16 values is exact, so the one rounding is the cast to fp16
+    return _join(al.to(tl.float64) * bl + cl, ah.to(tl.float64) * bh + ch)
+
+
+@triton.jit
+def _hadd2_asm(a, b):
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.uint32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _hadd2_plain(a, b):
+    al, ah = _halves(a)
+    bl, bh = _halves(b)
+    return _join(al + bl, ah + bh)  # the sum of two fp16 values is exact in fp32
+
+
+@triton.jit
+def hadd2(a, b, ASM: tl.constexpr):
+    """``a + b`` on half2 containers (uint32, broadcast), rounded once per half: ``add.rn.f16x2``."""
+    if ASM:
+        return _hadd2_asm(a, b)
+    return _hadd2_plain(a, b)
+
+
+@triton.jit
+def _h2_sum(v, ASM: tl.constexpr):
+    """float32 ``low + high`` of half2 containers ``v``."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h;"
+            " add.f32 $0, a, b;}", "=f,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    lo, hi = _halves(v)
+    return lo + hi
+
+
+@triton.jit
+def _max_sum(amax, asum, bmax, bsum):
+    return tl.maximum(amax, bmax), asum + bsum
+
+
+@triton.jit
+def _x_pairs(xt, P: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr):
+    """Per token and group: the activations as 16 half2 pairs, ``sum_k x_k 2^e`` and ``2^-e``.
+
+    ``xt [BM, BG, 32]`` in pair order (element ``2u + h`` is half ``h`` of pair ``u = r HALF + t``).
+    ``2^e`` puts ``max |x 2^e|`` in ``[2^(7-P), 2^(8-P))`` and the pair of slot ``t`` (bit offset
+    ``P j`` within its byte) holds ``x 2^(e - P j)``, which the code's ``2^(P j)`` multiplies back,
+    so every product is ``(q - C) x 2^e``, at most 128, and the slot with the largest ``j`` has its
+    max in ``[0.5, 1)`` (fp16 normal down to 2^-14 of the max). ``e`` is clamped so the powers of
+    two stay normal fp32 numbers.
+    """
+    HALF: tl.constexpr = 16 // P
+    PJ: tl.constexpr = 8 - P  # P j of the highest slot of a byte
+    xf = xt.to(tl.float32)
+    amax, xsum = tl.reduce((tl.abs(xf), xf), 2, _max_sum)  # one cooperative reduction for both
+    expo = tl.maximum(tl.minimum(amax.to(tl.int32, bitcast=True) >> 23, 252), PJ)
+    jbits = P * ((tl.arange(0, 32) // 2 % HALF) % (8 // P))  # P j of each element's slot
+    xs = xf * ((253 + PJ - expo)[:, :, None] - jbits[None, None, :] << 23).to(tl.float32, bitcast=True)
+    bits16 = xs.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+    shifted = bits16 << (16 * (tl.arange(0, 32) % 2))[None, None, :]
+    pairs = tl.sum(tl.reshape(shifted, (BM, BG, 16, 2)), axis=3)  # disjoint halves: the sum is an OR
+    up = ((253 + PJ - expo) << 23).to(tl.float32, bitcast=True)
+    return pairs, xsum * up, ((expo + 1 - PJ) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
+    """``[BM, BG, BN]`` float32: per token, group and column, ``sum_k (q_k - C) x_k 2^e`` over the group's codes.
+
+    ``words [1, BG, P, BN]`` (uint32, word row r of each group), ``xr [BM, BG, P, SLOTS / 2]``
+    half2 activation pairs of :func:`_x_pairs` (pair t of row r: columns ``r SLOTS + t`` and
+    ``r SLOTS + t + SLOTS / 2``), ``one`` the half2 (1024, 1024) bits (a run-time value, so that
+    the LOP3 takes the mask as its immediate).
+    """
+    HALF: tl.constexpr = 16 // P  # code pairs per word
+    PER_BYTE: tl.constexpr = 8 // P
+    acc = tl.zeros([xr.shape[0], words.shape[1], P, words.shape[3]], tl.uint32)
+    for t in tl.static_range(HALF):
+        j = t % PER_BYTE
+        mask = (((1 << P) - 1) << (P * j)) * 0x10001
+        v = ((words >> (8 * (t // PER_BYTE))) & mask) | one  # half2 1024 + 2^Pj q, exact
+        # minus half2 (1024 + 2^Pj C), C = 2^(P-1): 2^Pj (q - C), exact
+        q = hadd2(v, tl.full([1, 1, 1, 1], (0x8000 | ((25 << 10) + (1 << (P - 1 + P * j)))) * 0x10001, tl.uint32),
+                  ASM)
+        acc = hfma2(q, _pick(xr, t, HALF)[:, :, :, None], acc, ASM)
+    if ASM:
+        acc = tl.reduce(acc, 2, _hadd2_asm)
+    else:
+        acc = tl.reduce(acc, 2, _hadd2_plain)
+    return _h2_sum(acc, ASM)
+
+
+@triton.jit
+def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr, y_ptr, ws_ptr, cnt_ptr,
+                   M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, one,
+                   P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
+                   S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
+                   BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, HAS_SPLIT: tl.constexpr,
+                   EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
+    """``y[:M] = x[:M] @ W^T`` for M <= BM (single-plane codes, 16-bit ``x``); grid (cdiv(N, BN), SPLIT_K).
+
+    The arguments are :func:`kernels.triton_gemv.gemv_kernel`'s without ``R1, R2, magic, WIN``, and
+    ``one`` (:data:`H2_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter).
+    """
+    tl.static_assert(P1 == 0 and (P0 == 2 or P0 == 4 or P0 == 8))
+    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, BG)
+    tok = tl.arange(0, BM)
+    HALF: tl.constexpr = 16 // P0
+    u = tl.arange(0, 32) // 2
+    # the activation tile in pair order: element 2u + h is half h of pair u = r * HALF + t (word row r, slot t),
+    # column r * 2 HALF + h * HALF + t of the group
+    kk = (u // HALF) * (2 * HALF) + (tl.arange(0, 32) % 2) * HALF + u % HALF
+    zoff: tl.constexpr = ZOFF + (1 << (P0 - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
+    acc = tl.zeros([BM, BN], tl.float32)
+    nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4,
+                                              M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
+                                              P0, BG, HAS_SPLIT, EVEN_K)
+    for g0 in range(g_lo, g_hi, BG):
+        words, xt, sbytes, zbytes = nxt, nxt_x, nxt_s, nxt_z
+        nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols,
+                                                  cmask, cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg,
+                                                  stride_sn, P0, BG, HAS_SPLIT, EVEN_K)
+        c = tl.sum(e4m3_scaled(sbytes), axis=2)  # [1, BG, BN] (a sum over the size-1 axis: the words' layout)
+        zc = tl.sum(zbytes.to(tl.float32), axis=2) * ZMUL - zoff * ZMUL  # one FFMA, exact
+        pairs, xsum, down = _x_pairs(xt, P0, BM, BG)
+        pairs = tl.sum(pairs[:, :, :, None], axis=3)  # broadcast after the packing (see triton_gemv)
+        d = _group_dots(words, tl.reshape(pairs, (BM, BG, P0, HALF)), one, P0, ASM)
+        acc += tl.sum((c * down[:, :, None]) * (d - zc * xsum[:, :, None]), axis=1)
+    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
+           tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
