@@ -9,6 +9,7 @@ and split segments whole per rank (:func:`kernels.shard.row_shard_problem`).
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -48,14 +49,23 @@ def supported_tp_sizes(ckpt_dir: str | Path, limit: int = MAX_TP_SIZE) -> list[i
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        sys.exit("usage: python -m bitbybit_vllm.tp CKPT")
-    sizes = supported_tp_sizes(args[0])
-    print(f"{args[0]}: tensor-parallel sizes {sizes}")
+    ap = argparse.ArgumentParser(
+        prog="python -m bitbybit_vllm.tp", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="List the tensor-parallel sizes (1..%d) at which vLLM can serve a bitbybit checkpoint, and why\n"
+                    "2, 4 or 8 cannot: vLLM's Llama sharding (attention/KV heads, intermediate size) and, per\n"
+                    "row-parallel layer (o_proj, down_proj), whole quantization groups and split segments per rank.\n"
+                    "Reads config.json only; no GPU needed." % MAX_TP_SIZE,
+        epilog="example:\n"
+               "  python -m bitbybit_vllm.tp CKPT    # e.g. 'CKPT: tensor-parallel sizes [1, 2, 4]'\n"
+               "A checkpoint with split channels serves at T only if T divides its segments\n"
+               "(python -m qat.run ... --split-segments 4).\n")
+    ap.add_argument("ckpt", metavar="CKPT", help="bitbybit checkpoint directory (written by python -m qat.run)")
+    ckpt = ap.parse_args(sys.argv[1:] if argv is None else argv).ckpt
+    sizes = supported_tp_sizes(ckpt)
+    print(f"{ckpt}: tensor-parallel sizes {sizes}")
     for t in (2, 4, 8):
         if t not in sizes:
-            print(f"  {t}: {tp_problem(args[0], t)}")
+            print(f"  {t}: {tp_problem(ckpt, t)}")
 
 
 if __name__ == "__main__":

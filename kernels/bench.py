@@ -271,16 +271,40 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, M {QUICK_MS}")
-    ap.add_argument("--shapes", type=parse_shapes, help="comma-separated KxN, e.g. 8192x8192,4096x14336")
-    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], help="comma-separated token counts")
-    ap.add_argument("--kernels", type=lambda s: s.split(","), default=KERNELS, help=",".join(KERNELS))
-    ap.add_argument("--tune", action="store_true", help="tune W2/W4 configs first and save kernels/triton_table.json")
-    ap.add_argument("--tune-budget", type=float, default=300.0, help="seconds of tuning at most")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--append", action="store_true", help="merge into --out (same kernel/K/N/M replaced)")
-    ap.add_argument("--sass", type=Path, help="write the compiler report of the kernels that ran here (JSON)")
+    shapes_text = lambda shapes: ", ".join(f"{k}x{n}" for k, n in shapes)  # noqa: E731
+    ap = argparse.ArgumentParser(
+        prog="python -m kernels.bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Kernel benchmark on a CUDA GPU: the bitbybit Triton kernels against bf16 F.linear, per Llama\n"
+                    "linear shape (K x N) and token count M, as CUDA-graph replays over rotated weight copies (no L2\n"
+                    "hits); bandwidth as a percentage of a device-to-device copy. Prints a markdown table of\n"
+                    "speedups and writes JSON records (docs/BENCHMARKS.md has the numbers).",
+        epilog="examples:\n"
+               "  python -m kernels.bench --quick\n"
+               "  python -m kernels.bench --kernels w2a16,w4a16 --shapes 8192x8192 --ms 1,16 --out /tmp/k.json\n"
+               "  python -m kernels.bench --tune --shapes 8192x8192,4096x14336 --kernels w2a16,w4a16 --ms 1,2\n")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a short run: shapes {shapes_text(QUICK_SHAPES)}, M {','.join(map(str, QUICK_MS))} "
+                         "(--shapes/--ms still override)")
+    ap.add_argument("--shapes", type=parse_shapes, metavar="KxN,...",
+                    help="comma-separated in_features x out_features, e.g. 8192x8192,4096x14336 "
+                         f"(default: {shapes_text(SHAPES)})")
+    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], metavar="M,...",
+                    help=f"comma-separated token counts (rows of the activation) (default: {','.join(map(str, MS))})")
+    ap.add_argument("--kernels", type=lambda s: s.split(","), default=KERNELS, metavar="NAME,...",
+                    help="comma-separated: w{b}a16 (weights only), w{b}a{a} (activations quantized too), "
+                         f"actquant{{a}} (activation quantization alone) (default: {','.join(KERNELS)})")
+    ap.add_argument("--tune", action="store_true",
+                    help="first time a few W2/W4 kernel configs per shape and M, save the fastest into "
+                         "kernels/triton_table.json")
+    ap.add_argument("--tune-budget", type=float, default=300.0, metavar="S",
+                    help="seconds of tuning at most; the rest keep the default rule (default %(default)g)")
+    ap.add_argument("--out", type=Path, default=RESULTS, metavar="FILE",
+                    help="JSON records to write, after every shape (default: docs/results/kernels-h200.json)")
+    ap.add_argument("--append", action="store_true",
+                    help="merge into --out (records of the same kernel/K/N/M replaced) instead of overwriting it")
+    ap.add_argument("--sass", type=Path, metavar="FILE",
+                    help="write the compiler report (registers, spills, main-loop instruction mix) of the kernels "
+                         "that ran here as JSON; needs cuobjdump")
     args = ap.parse_args()
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     ms = args.ms or (QUICK_MS if args.quick else MS)

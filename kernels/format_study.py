@@ -154,9 +154,14 @@ def markdown(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("docs/results/format-study.json"),
-                        help="where to write the tables as JSON")
+    parser = argparse.ArgumentParser(
+        prog="python -m kernels.format_study", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Measurements behind the format's choices (docs/FORMAT.md): code slicing rule, E4M3 scale\n"
+                    "policy, outlier channel splitting, activation grids. Prints markdown tables and writes them\n"
+                    "as JSON; deterministic (fixed seeds), CPU.",
+        epilog="example:\n  python -m kernels.format_study --out /tmp/format-study.json\n")
+    parser.add_argument("--out", type=Path, default=Path("docs/results/format-study.json"), metavar="FILE",
+                        help="where to write the tables as JSON (default %(default)s)")
     args = parser.parse_args()
     torch.manual_seed(0)
     tables = {

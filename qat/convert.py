@@ -193,10 +193,17 @@ def convert(model_bin: str | Path, tokenizer_bin: str | Path, out_dir: str | Pat
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qat.convert", description=__doc__.split("\n\n")[0])
-    ap.add_argument("model_bin", help="llama2.c legacy checkpoint, e.g. stories260K.bin")
-    ap.add_argument("tokenizer_bin", help="llama2.c vocabulary: tokenizer.bin or tok512.bin")
-    ap.add_argument("out_dir", help="HF model directory to write")
+    ap = argparse.ArgumentParser(
+        prog="python -m qat.convert", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Import a llama2.c model (legacy .bin) and its tokenizer.bin / tok512.bin into a HF\n"
+                    "LlamaForCausalLM directory (config.json, model.safetensors, tokenizer.json) that\n"
+                    "python -m qat.run --model can read. Runs on the CPU, no network.",
+        epilog="example:\n"
+               "  python -m qat.convert stories260K.bin tok512.bin runs/stories260K-hf\n"
+               "  python -m qat.run --model runs/stories260K-hf --recipe recipes/stories260k.toml\n")
+    ap.add_argument("model_bin", metavar="MODEL.bin", help="llama2.c legacy checkpoint, e.g. stories260K.bin")
+    ap.add_argument("tokenizer_bin", metavar="TOKENIZER.bin", help="llama2.c vocabulary: tokenizer.bin or tok512.bin")
+    ap.add_argument("out_dir", metavar="OUT_DIR", help="HF model directory to write")
     args = ap.parse_args(argv)
     print(f"wrote {convert(args.model_bin, args.tokenizer_bin, args.out_dir)}")
 

@@ -177,22 +177,44 @@ def parse_bits(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qat.eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="bitbybit checkpoint directory")
-    ap.add_argument("--bits", type=parse_bits, default=None, help="weight precisions (default: the trained set)")
-    ap.add_argument("--act-bits", type=int, default=None, help="also evaluate W{b}A{act_bits}")
-    ap.add_argument("--data", required=True, help="plain text file")
+    ap = argparse.ArgumentParser(
+        prog="python -m qat.eval", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Perplexity of a bitbybit checkpoint at several precisions, beside the full-precision model.\n"
+                    "Quantized rows run the kernels' reference ops (the serving numerics); the text is one token\n"
+                    "stream scored in windows of --ctx tokens every --stride tokens, each token counted once.",
+        epilog="Writes ppl-<data stem>-<part>.json and .md under --out and prints the markdown table.\n\n"
+               "examples:\n"
+               "  python -m qat.eval CKPT --data calib.txt --data-part heldout   # the tail qat.run never trained on\n"
+               "  python -m qat.eval CKPT --bits 2 --act-bits 2 --data heldout.txt --ctx 1024 --device cuda\n")
+    ap.add_argument("checkpoint", metavar="CKPT", help="bitbybit checkpoint directory (written by python -m qat.run)")
+    ap.add_argument("--bits", type=parse_bits, default=None, metavar="B,B,...",
+                    help="weight precisions to score, comma-separated, each in 1..8 (default: the checkpoint's "
+                         "trained set)")
+    ap.add_argument("--act-bits", type=int, default=None, metavar="A",
+                    help="also score W{b}A{A} for every b, activations quantized per token at A bits (1..8) "
+                         "(default: A16 rows only)")
+    ap.add_argument("--data", required=True, metavar="FILE", help="UTF-8 plain-text file to score (required)")
     ap.add_argument("--data-part", choices=DATA_PARTS, default="all",
-                    help="'heldout': only the tail qat.run never trains on (same --heldout-fraction)")
-    ap.add_argument("--heldout-fraction", type=float, default=0.1)
-    ap.add_argument("--ctx", type=int, default=None, help="window length (default: the model's max positions, at most 1024)")
-    ap.add_argument("--stride", type=int, default=None, help="window start spacing (default: --ctx)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the stream")
-    ap.add_argument("--fp", default=None, help="full-precision model for the FP row (default: the checkpoint's source)")
+                    help="part of --data to score: all, train (the head) or heldout (the tail qat.run never "
+                         "trains on, same --heldout-fraction) (default %(default)s)")
+    ap.add_argument("--heldout-fraction", type=float, default=0.1, metavar="F",
+                    help="size of the held-out tail as a fraction of the text, cut at a paragraph break; use the "
+                         "run's value (default %(default)s)")
+    ap.add_argument("--ctx", type=int, default=None, metavar="TOKENS",
+                    help="window length (default: the model's max positions, at most 1024)")
+    ap.add_argument("--stride", type=int, default=None, metavar="TOKENS",
+                    help="spacing of window starts, 1..ctx (default: --ctx, non-overlapping windows)")
+    ap.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                    help="score only the first N tokens of the stream (default: all)")
+    ap.add_argument("--fp", default=None, metavar="MODEL",
+                    help="full-precision model directory for the FP row (default: the source model the "
+                         "checkpoint records; the row is skipped if it is not found)")
     ap.add_argument("--no-fp", action="store_true", help="skip the FP row")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (tiny models run fastest with 1)")
-    ap.add_argument("--out", default=None, help="directory for the JSON + markdown (default: CKPT/eval)")
+    ap.add_argument("--device", default="cpu", metavar="DEV",
+                    help="torch device, e.g. cpu or cuda (default %(default)s)")
+    ap.add_argument("--threads", type=int, default=None, metavar="N",
+                    help="CPU threads for torch (default: torch's choice; tiny models run fastest with 1)")
+    ap.add_argument("--out", default=None, metavar="DIR", help="directory for the JSON + markdown (default: CKPT/eval)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

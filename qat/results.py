@@ -84,11 +84,21 @@ def per_run_markdown(doc: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m qat.results", description=__doc__.split("\n\n")[0])
-    ap.add_argument("run_dirs", nargs="+", type=Path)
-    ap.add_argument("--model", required=True, help="model name for the document, e.g. stories260K")
-    ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    ap.add_argument("--per-run", action="store_true", help="one table line per run instead of per method")
+    ap = argparse.ArgumentParser(
+        prog="python -m qat.results", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Collect finished qat.run runs into one results document (JSON) and print it as a\n"
+                    "markdown PPL table (methods down, W8A16 .. W2A2 across) with each run's command,\n"
+                    "training time and peak memory. Every run must have been evaluated on the same text,\n"
+                    "part, context and stride.",
+        epilog="example:\n"
+               "  python -m qat.results --model stories260K --out docs/results/qat-stories260K.json \\\n"
+               "      runs/stories260K/rtn runs/stories260K/bitbybit runs/stories260K/no-split\n")
+    ap.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
+                    help="qat.run run directory with eval/*.json, summary.json and recipe.json")
+    ap.add_argument("--model", required=True, help="model name for the document, e.g. stories260K (required)")
+    ap.add_argument("--out", type=Path, required=True, metavar="FILE", help="JSON file to write (required)")
+    ap.add_argument("--per-run", action="store_true",
+                    help="print one table line per run (named by its directory) instead of one per method")
     args = ap.parse_args(argv)
     doc = collect(args.model, args.run_dirs)
     args.out.parent.mkdir(parents=True, exist_ok=True)

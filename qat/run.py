@@ -25,6 +25,7 @@ import json
 import resource
 import shlex
 import sys
+import textwrap
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -222,57 +223,132 @@ def parse_int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"invalid list {text!r}: use comma-separated integers, e.g. 1,1,2,3,3") from None
 
 
+RUN_EXAMPLES = """\
+examples:
+  python -m qat.run                                       # the demo: minutes on a CPU, no network
+  python -m qat.run --model runs/stories260K-hf --recipe recipes/stories260k.toml
+  python -m qat.run --model DIR --calib-data calib.txt --bits 8,4,3,2 --act-bits 2 --out CKPT
+  python -m qat.run --model DIR --calib-data calib.txt --method rtn   # baseline: no training
+  python -m qat.run --model DIR --calib-data calib.txt --method direct --bits 2
+  python -m qat.run ... --export-bits 2 --out CKPT-w2     # a finished run's flags: re-export only
+"""
+
+
 def parse_args(argv: list[str] | None) -> tuple[dict, dict, set[str]]:
     """(recipe file values, CLI overrides, names given on the command line)."""
-    ap = argparse.ArgumentParser(prog="python -m qat.run", description=__doc__.split("\n\n")[0],
-                                 epilog="Flags left out take the recipe file's value, else qat.recipe.Recipe's default.")
-    ap.add_argument("--recipe", help="TOML recipe file (recipes/*.toml); flags override it")
-    ap.add_argument("--model", help="HF model directory or hub id (default: the embedded demo teacher)")
-    ap.add_argument("--method", choices=METHODS)
-    ap.add_argument("--run-dir", dest="run_dir")
-    ap.add_argument("--out", "--output", dest="output", help="checkpoint directory (default RUN_DIR/checkpoint)")
-    ap.add_argument("--restart", action="store_const", const=True, help="discard finished blocks in RUN_DIR")
-    ap.add_argument("--calib-data", dest="calib_data", help="calibration text file")
-    ap.add_argument("--heldout-fraction", dest="heldout_fraction", type=float)
-    ap.add_argument("--n-train", dest="n_train", type=int)
-    ap.add_argument("--n-val", dest="n_val", type=int)
-    ap.add_argument("--seq-len", dest="seq_len", type=int)
-    ap.add_argument("--seed", type=int)
-    ap.add_argument("--bits", type=parse_bits, help="trained precisions, e.g. 8,4,3,2")
-    ap.add_argument("--default-bits", dest="default_bits", type=int)
-    ap.add_argument("--export-bits", dest="export_bits", type=int, metavar="B",
-                    help="compact export: store only the B-bit codes (one of --bits, below 8), bit-packed, so the "
-                         "linear weights take ~B/8 of the full checkpoint; it then serves at B only "
-                         "(default: the full nested checkpoint, servable at every trained precision)")
-    ap.add_argument("--no-progressive", dest="progressive", action="store_const", const=False)
-    ap.add_argument("--lock-bits", dest="lock_bits", type=int, metavar="L",
-                    help="train the precisions <= L first (then + W{lowest}A{act}), then the higher ones with the "
-                         "L-bit codes locked, e.g. 2: {2} -> {2,W2A2} -> {8,4,3} (default: highest first)")
-    ap.add_argument("--act-bits", dest="act_bits", type=int, help="add a final W{lowest}A{act_bits} stage, e.g. 2")
-    ap.add_argument("--loss-weights", dest="loss_weights", type=parse_loss_weights,
-                    help="per-target loss weights, e.g. w8a16=10,w4a16=3 (others 1)")
-    ap.add_argument("--no-split", dest="split", action="store_const", const=False)
-    ap.add_argument("--split", dest="split", action="store_const", const=True, help="split (also for rtn)")
-    ap.add_argument("--split-ratio-first", dest="split_ratio_first", type=float)
-    ap.add_argument("--split-ratio-last", dest="split_ratio_last", type=float)
-    ap.add_argument("--split-bits", dest="split_bits", type=int)
-    ap.add_argument("--split-segments", dest="split_segments", type=int)
-    ap.add_argument("--epochs-per-stage", dest="epochs_per_stage", type=int)
-    ap.add_argument("--stage-epochs", dest="stage_epochs", type=parse_int_list,
-                    help="epochs of each precision stage in training order, e.g. 1,1,2,3,3 (overrides --epochs-per-stage)")
-    ap.add_argument("--batch-size", dest="batch_size", type=int)
-    ap.add_argument("--lr", type=float)
-    ap.add_argument("--weight-decay", dest="weight_decay", type=float)
-    ap.add_argument("--block-input", dest="block_input", choices=("quantized", "fp"))
-    ap.add_argument("--device", help="auto, cpu or cuda")
-    ap.add_argument("--threads", type=int, help="CPU threads for torch (tiny models run fastest with 1)")
-    ap.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
-                    help="torch.compile the block-training step (the same math, equal up to float rounding, in far "
-                         "fewer kernel launches); default: on for CUDA, off for CPU")
-    ap.add_argument("--eval-data", dest="eval_data")
-    ap.add_argument("--eval-ctx", dest="eval_ctx", type=int)
-    ap.add_argument("--eval-max-tokens", dest="eval_max_tokens", type=int)
-    ap.add_argument("--no-eval", dest="eval", action="store_const", const=False)
+    d = Recipe()
+    demo = ", ".join(f"{k} {v}" for k, v in DEMO_RECIPE.items())
+    ap = argparse.ArgumentParser(
+        prog="python -m qat.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Quantization-aware training of a Llama-family model into one nested-grid bitbybit checkpoint\n"
+                    "(servable at every trained weight precision), then its perplexity table. With no arguments it\n"
+                    "runs the embedded demo: a tiny teacher built locally, then split, trained, exported, evaluated.",
+        epilog="Defaults: flags left out take the --recipe file's value, else the default shown (qat/recipe.py).\n"
+               + textwrap.fill(f"Without --model and --recipe the demo recipe applies: {demo}.", 100) + "\n"
+               "Run directory: recipe.json, log.txt, losses.json/png, blocks/ (resume state), checkpoint/, eval/,\n"
+               "summary.json.\n\n"
+               + RUN_EXAMPLES)
+    g = ap.add_argument_group("model and run")
+    g.add_argument("--recipe", metavar="TOML", help="recipe file (recipes/*.toml) of Recipe fields; flags override it")
+    g.add_argument("--model", metavar="MODEL",
+                   help="HF Llama-family model directory or hub id (default: the embedded demo teacher)")
+    g.add_argument("--method", choices=METHODS,
+                   help=f"bitbybit: progressive nested QAT; rtn: round-to-nearest, no training; direct: QAT of "
+                        f"one precision (one --bits) (default {d.method})")
+    g.add_argument("--run-dir", dest="run_dir", metavar="DIR",
+                   help="run directory: logs, per-block resume state, checkpoint "
+                        "(default runs/<model>-<method>[-ablation])")
+    g.add_argument("--out", "--output", dest="output", metavar="DIR",
+                   help="checkpoint directory to write (default RUN_DIR/checkpoint)")
+    g.add_argument("--restart", action="store_const", const=True,
+                   help="delete RUN_DIR's finished blocks and train from scratch (default: resume after the last "
+                        "finished block; a changed training recipe is refused)")
+    g = ap.add_argument_group("calibration data")
+    g.add_argument("--calib-data", dest="calib_data", metavar="FILE",
+                   help="UTF-8 plain-text calibration file; needed to train or split (the demo uses its own corpus)")
+    g.add_argument("--heldout-fraction", dest="heldout_fraction", type=float, metavar="F",
+                   help=f"tail of --calib-data never trained on, in [0, 1), cut at a paragraph break; the PPL "
+                        f"table uses it unless --eval-data is given (default {d.heldout_fraction})")
+    g.add_argument("--n-train", dest="n_train", type=int, metavar="N",
+                   help=f"training sequences (random --seq-len windows of the training part) (default {d.n_train})")
+    g.add_argument("--n-val", dest="n_val", type=int, metavar="N",
+                   help=f"validation sequences, disjoint from the training ones, for the per-block validation "
+                        f"MSE; 0: none (default {d.n_val})")
+    g.add_argument("--seq-len", dest="seq_len", type=int, metavar="TOKENS",
+                   help=f"tokens per calibration sequence (default {d.seq_len})")
+    g.add_argument("--seed", type=int, metavar="N",
+                   help=f"random seed: calibration windows, batch order (default {d.seed})")
+    g = ap.add_argument_group("precisions")
+    g.add_argument("--bits", type=parse_bits, metavar="B,B,...",
+                   help="trained weight precisions, comma-separated, each in 1..8 "
+                        f"(default {','.join(map(str, d.bits))})")
+    g.add_argument("--default-bits", dest="default_bits", type=int, metavar="B",
+                   help="precision the checkpoint serves when none is asked for; one of --bits "
+                        "(default: the lowest of --bits)")
+    g.add_argument("--export-bits", dest="export_bits", type=int, metavar="B",
+                   help="compact export: store only the B-bit codes (one of --bits, below 8), bit-packed, so the "
+                        "linear weights take ~B/8 of the full checkpoint; it then serves at B only "
+                        "(default: the full nested checkpoint, servable at every trained precision)")
+    g.add_argument("--no-progressive", dest="progressive", action="store_const", const=False,
+                   help="ablation: train all precisions together in one stage (default: progressive stages, "
+                        "highest first: {8} -> {8,4} -> {8,4,3} -> ...)")
+    g.add_argument("--lock-bits", dest="lock_bits", type=int, metavar="L",
+                   help="train the precisions <= L first (then + W{lowest}A{act}), then the higher ones with the "
+                        "L-bit codes locked, e.g. 2: {2} -> {2,W2A2} -> {8,4,3} (default: highest first)")
+    g.add_argument("--act-bits", dest="act_bits", type=int, metavar="A",
+                   help="add a final stage that also trains W{lowest}A{A}, per-token activations at A bits (1..8; "
+                        "16: none) (default: no activation stage)")
+    g.add_argument("--loss-weights", dest="loss_weights", type=parse_loss_weights, metavar="T=W,...",
+                   help="weight of each target's block-output MSE, others 1 "
+                        f"(default {','.join(f'{k}={v:g}' for k, v in d.loss_weights.items())})")
+    g = ap.add_argument_group("outlier channel splitting")
+    g.add_argument("--no-split", dest="split", action="store_const", const=False,
+                   help="ablation: no outlier channel splitting (default: split, except for --method rtn)")
+    g.add_argument("--split", dest="split", action="store_const", const=True,
+                   help="split outlier channels (also for rtn, which otherwise splits only when a split ratio "
+                        "is given)")
+    g.add_argument("--split-ratio-first", dest="split_ratio_first", type=float, metavar="F",
+                   help=f"fraction of a layer's input channels split in the first block, in [0, 1] "
+                        f"(default {d.split_ratio_first})")
+    g.add_argument("--split-ratio-last", dest="split_ratio_last", type=float, metavar="F",
+                   help=f"the same in the last block; linear in depth between the two (default {d.split_ratio_last})")
+    g.add_argument("--split-bits", dest="split_bits", type=int, metavar="B",
+                   help="precision whose grid step makes the split exact (default: the lowest of --bits)")
+    g.add_argument("--split-segments", dest="split_segments", type=int, metavar="S",
+                   help="tensor-parallel segments of the split region of o_proj/down_proj; vLLM can serve at "
+                        f"TP size T only if T divides S (default {d.split_segments})")
+    g = ap.add_argument_group("block-wise training")
+    g.add_argument("--epochs-per-stage", dest="epochs_per_stage", type=int, metavar="N",
+                   help=f"passes over the --n-train sequences per precision stage; 0: no training "
+                        f"(default {d.epochs_per_stage})")
+    g.add_argument("--stage-epochs", dest="stage_epochs", type=parse_int_list, metavar="N,N,...",
+                   help="epochs of each precision stage in training order, e.g. 1,1,2,3,3 "
+                        "(overrides --epochs-per-stage)")
+    g.add_argument("--batch-size", dest="batch_size", type=int, metavar="N",
+                   help=f"sequences per optimizer step (default {d.batch_size})")
+    g.add_argument("--lr", type=float, metavar="LR",
+                   help=f"AdamW learning rate at the start of each stage, cosine-decayed to lr/20 (default {d.lr:g})")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, metavar="WD",
+                   help=f"AdamW weight decay (default {d.weight_decay:g})")
+    g.add_argument("--block-input", dest="block_input", choices=("quantized", "fp"),
+                   help="what a block trains on: the quantized prefix's outputs at each target (quantized) or "
+                        f"the teacher's (fp) (default {d.block_input})")
+    g.add_argument("--device", metavar="DEV",
+                   help=f"auto (CUDA if available), cpu, cuda or cuda:I (default {d.device})")
+    g.add_argument("--threads", type=int, metavar="N",
+                   help="CPU threads for torch (default: torch's choice; tiny models run fastest with 1)")
+    g.add_argument("--compile", dest="compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the block-training step (the same math, equal up to float rounding, in far "
+                        "fewer kernel launches); default: on for CUDA, off for CPU")
+    g = ap.add_argument_group("evaluation after export (python -m qat.eval)")
+    g.add_argument("--eval-data", dest="eval_data", metavar="FILE",
+                   help="text file for the PPL table, scored whole (default: the held-out tail of --calib-data)")
+    g.add_argument("--eval-ctx", dest="eval_ctx", type=int, metavar="TOKENS",
+                   help="evaluation window length, non-overlapping windows (default: --seq-len)")
+    g.add_argument("--eval-max-tokens", dest="eval_max_tokens", type=int, metavar="N",
+                   help="score only the first N tokens of the evaluation text (default: all)")
+    g.add_argument("--no-eval", dest="eval", action="store_const", const=False,
+                   help="skip the perplexity table (default: evaluate every exported precision and the FP model)")
     args = vars(ap.parse_args(argv))
     if args.get("recipe"):
         file_values = read_recipe_file(args["recipe"])

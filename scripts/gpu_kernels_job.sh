@@ -12,6 +12,7 @@
 # Logs and results land in $OUT (at most 8 files come back).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;; esac
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader | tee -a "$OUT/gpu.txt"

@@ -107,15 +107,29 @@ def run_config(quant: str, model_root: Path, args: argparse.Namespace, log_dir: 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quant", default="bf16,w2,w4", help="comma-separated: bf16 and/or wB (bitbybit at B bits)")
-    ap.add_argument("--batches", default="1,32", help="concurrent requests, comma-separated")
-    ap.add_argument("--input-len", type=int, default=32)
-    ap.add_argument("--output-len", type=int, default=256)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85)
+    ap = argparse.ArgumentParser(
+        prog="python scripts/vllm_bench.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Decode throughput of vLLM on a Llama-2-7B-shaped model with dummy weights: BF16 against\n"
+                    "bitbybit at chosen precisions, each configuration in its own process (CUDA GPU). Writes JSON\n"
+                    "records {model, quant, batch, tok_per_s, weights_gib, ...} to --out and each worker's log\n"
+                    "(vllm-bench-<quant>.log) beside it.",
+        epilog="example:\n"
+               "  python scripts/vllm_bench.py --quant bf16,w2,w4 --batches 1,32 --out docs/results/vllm-h200.json\n")
+    ap.add_argument("--quant", default="bf16,w2,w4", metavar="Q,...",
+                    help="comma-separated: bf16 and/or wB (bitbybit at B bits, W{B}A16) (default %(default)s)")
+    ap.add_argument("--batches", default="1,32", metavar="N,...",
+                    help="concurrent requests per timed generate call, comma-separated (default %(default)s)")
+    ap.add_argument("--input-len", type=int, default=32, metavar="TOKENS",
+                    help="random prompt tokens per request (default %(default)s)")
+    ap.add_argument("--output-len", type=int, default=256, metavar="TOKENS",
+                    help="tokens generated per request, greedy, EOS ignored (default %(default)s)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85, metavar="F",
+                    help="vLLM's GPU memory fraction, 0..1 (default %(default)s)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / torch.compile (label results!)")
-    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
-    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "vllm-bench.json")
+    ap.add_argument("--timeout", type=float, default=1800, metavar="S",
+                    help="seconds per configuration before its worker is killed (default %(default)g)")
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "vllm-bench.json",
+                    metavar="FILE", help="JSON records to write (default: $OUT/vllm-bench.json, runs/ without $OUT)")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     args = ap.parse_args()

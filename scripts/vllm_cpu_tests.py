@@ -9,7 +9,7 @@ The sources need no install (and no CUDA libraries): only the Python files of th
     PYTHONPATH=/tmp/vllm024 .venv/bin/python scripts/vllm_cpu_tests.py -k "not fresh_vllm_process"
 
 (``fresh_vllm_process`` starts a new interpreter, where the platform cannot be installed first.)
-Arguments are passed to pytest; default: the vLLM plugin tests.
+Arguments are passed to pytest after the vLLM plugin tests, which always run (narrow them with ``-k``).
 """
 
 from __future__ import annotations
@@ -28,5 +28,8 @@ TESTS = ["tests/test_vllm_config.py", "tests/test_vllm_layers.py", "tests/test_v
 
 if __name__ == "__main__":
     args = sys.argv[1:]
+    if args and args[0] in ("-h", "--help"):
+        print("usage: [PYTHONPATH=VLLM_SOURCES] python scripts/vllm_cpu_tests.py [PYTEST_ARGS ...]\n\n" + __doc__)
+        sys.exit(0)
     print(f"vLLM {vllm.__version__} from {vllm.__file__}", flush=True)
     sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", *TESTS, *args]))

@@ -21,28 +21,41 @@ CPU_FLAGS = ("--max-queue", "--timeout", "--max-batch", "--threads")
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m serve",
-        description="Serve a bitbybit checkpoint through the OpenAI API: vLLM with the bitbybit plugin when vLLM "
-                    "and a CUDA GPU are present, otherwise a CPU server running the kernels' reference ops. "
-                    "Flags not listed here are passed to `vllm serve` (ignored, with a warning, on the CPU).")
-    p.add_argument("ckpt", help="checkpoint directory written by `python -m qat.run`")
-    p.add_argument("--bits", type=int, help="weight precision (default: the checkpoint's default)")
-    p.add_argument("--act-bits", type=int, help="activation precision, e.g. 2 for W2A2 (default: the checkpoint's)")
+        prog="python -m serve", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a bitbybit checkpoint through the OpenAI API: vLLM with the bitbybit plugin when vLLM\n"
+                    "and a CUDA GPU are present, otherwise a CPU server running the kernels' reference ops.\n"
+                    "Flags not listed here are passed to `vllm serve` (ignored, with a warning, on the CPU).",
+        epilog="examples:\n"
+               "  python -m serve CKPT --bits 2 --act-bits 16         # W2A16 on port 8000\n"
+               "  python -m serve CKPT --bits 2 --act-bits 2 --api-key sk-local --served-model-name bitbybit\n"
+               "  python -m serve CKPT --bits 4 --max-model-len 4096 --tensor-parallel-size 2   # vLLM flags\n"
+               "  python -m serve CKPT --backend cpu --threads 1      # the CPU server, also on a GPU machine\n")
+    p.add_argument("ckpt", metavar="CKPT", help="checkpoint directory written by `python -m qat.run`")
+    p.add_argument("--bits", type=int, metavar="B",
+                   help="weight precision, 1..8 (default: the checkpoint's default_bits; a compact checkpoint "
+                        "serves its B only)")
+    p.add_argument("--act-bits", type=int, metavar="A",
+                   help="activation precision: 16 (not quantized) or 1..8, e.g. 2 for W2A2 (default: the "
+                        "checkpoint's act_bits)")
     p.add_argument("--host", help="address to bind (CPU default 127.0.0.1; vLLM's own default otherwise)")
     p.add_argument("--port", type=int, help="port to bind (default 8000, as vLLM's)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 requests")
-    p.add_argument("--served-model-name", help="model id clients send (default: CKPT as given)")
-    p.add_argument("--max-queue", type=int,
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1 requests "
+                                                   "(default: no auth)")
+    p.add_argument("--served-model-name", metavar="NAME", help="model id clients send (default: CKPT as given)")
+    p.add_argument("--max-queue", type=int, metavar="N",
                    help=f"CPU: requests allowed to wait before a 503 (default {DEFAULT_MAX_QUEUE})")
-    p.add_argument("--timeout", type=float,
-                   help=f"CPU: seconds a request may take, waiting included (default {DEFAULT_TIMEOUT_S:g})")
-    p.add_argument("--max-batch", type=int,
+    p.add_argument("--timeout", type=float, metavar="S",
+                   help=f"CPU: seconds a request may take, waiting included, before a 504 "
+                        f"(default {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--max-batch", type=int, metavar="N",
                    help=f"CPU: requests decoded together in one batch (default {DEFAULT_MAX_BATCH})")
-    p.add_argument("--threads", type=int, help="CPU: torch threads for generation (default: torch's choice); "
-                                                "1 is fastest for tiny models or a busy machine")
+    p.add_argument("--threads", type=int, metavar="N", help="CPU: torch threads for generation (default: torch's "
+                                                            "choice); 1 is fastest for tiny models or a busy machine")
     p.add_argument("--backend", choices=("auto", "vllm", "cpu"), default="auto",
-                   help="auto: vLLM if vLLM and a CUDA GPU are present, else the CPU server")
-    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+                   help="auto: vLLM if vLLM and a CUDA GPU are present, else the CPU server; vllm: fail if it "
+                        "cannot run; cpu: the CPU server (default %(default)s)")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                   help="logging level of this launcher and the CPU server (default %(default)s)")
     return p
 
 

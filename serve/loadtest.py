@@ -132,19 +132,35 @@ def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m serve.loadtest", description=__doc__.split("\n\n")[0])
-    p.add_argument("ckpt", nargs="?", help="checkpoint to serve (omit with --url)")
-    p.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000")
-    p.add_argument("--model", default="loadtest", help="model id (with --url: the server's served name)")
-    p.add_argument("--api-key", default="unused")
-    p.add_argument("--bits", type=int)
-    p.add_argument("--threads", type=int, help="the server's torch threads")
-    p.add_argument("--max-batch", type=int, help="the server's batch size")
-    p.add_argument("--requests", type=int, default=64, help="concurrent requests (1..1024)")
-    p.add_argument("--max-tokens", type=int, default=32)
+    p = argparse.ArgumentParser(
+        prog="python -m serve.loadtest", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="A bounded load test of the OpenAI API on loopback: N concurrent completions, every one\n"
+                    "accounted for. Starts `python -m serve CKPT --backend cpu` on a free 127.0.0.1 port (or uses\n"
+                    "--url), sends all requests at once, prints latency percentiles and tokens/s; exits 1 if any\n"
+                    "request failed or was lost, or the run passed --limit-s.",
+        epilog="examples:\n"
+               "  python -m serve.loadtest CKPT --bits 2 --requests 64 --max-tokens 32 --stream\n"
+               "  python -m serve.loadtest --url http://127.0.0.1:8000 --model bitbybit --api-key sk-local\n")
+    p.add_argument("ckpt", nargs="?", metavar="CKPT", help="checkpoint to serve on the CPU server (omit with --url)")
+    p.add_argument("--url", help="a server already running on loopback, e.g. http://127.0.0.1:8000 (vLLM or CPU)")
+    p.add_argument("--model", default="loadtest",
+                   help="model id sent in requests; with --url: the server's served name (default %(default)s)")
+    p.add_argument("--api-key", default="unused", metavar="KEY",
+                   help="bearer key sent with every request (default %(default)s)")
+    p.add_argument("--bits", type=int, metavar="B",
+                   help="weight precision of the started server (default: the checkpoint's)")
+    p.add_argument("--threads", type=int, metavar="N", help="torch threads of the started server (default: torch's)")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="batch size of the started server (default: python -m serve's)")
+    p.add_argument("--requests", type=int, default=64, metavar="N",
+                   help="concurrent requests, 1..1024 (default %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=32, metavar="N",
+                   help="max_tokens of each completion (default %(default)s)")
     p.add_argument("--stream", action="store_true", help="stream the answers and report time to first token")
-    p.add_argument("--limit-s", type=float, default=600.0, help="abort the run after this many seconds")
-    p.add_argument("--json", help="also write the summary here")
+    p.add_argument("--limit-s", type=float, default=600.0, metavar="S",
+                   help="abort the run after this many seconds; also the started server's --timeout "
+                        "(default %(default)g)")
+    p.add_argument("--json", metavar="FILE", help="also write the summary here (default: print only)")
     args = p.parse_args(argv)
     if not 1 <= args.requests <= 1024:
         p.error("--requests must be within 1..1024")
