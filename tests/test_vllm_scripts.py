@@ -69,3 +69,35 @@ def test_bench_model_dir_is_a_bitbybit_llama_2_7b(tmp_path, monkeypatch, vllm_cp
     assert config.model_config.quantization == "bitbybit" and config.quant_config.bits == 4
     assert config.model_config.get_hidden_size() == 4096
     assert "quantization_config" not in json.loads((bench.write_model_dir(tmp_path, False) / "config.json").read_text())
+
+
+def test_heldout_windows_are_evenly_spaced_bos_windows(stories_rtn_ckpt, tmp_path):
+    from kernels.qmodel import load_tokenizer
+
+    tokenizer = load_tokenizer(str(stories_rtn_ckpt))
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a little girl who liked to play in the park. " * 40)
+    ids = tokenizer(text.read_text(), add_special_tokens=False).input_ids
+    windows = e2e.heldout_windows(tokenizer, text, 4, 32)
+    step = len(ids) // 4
+    assert [w[1:] for w in windows] == [ids[i * step:i * step + 31] for i in range(4)]
+    assert all(len(w) == 32 and w[0] == tokenizer.bos_token_id for w in windows)
+    with pytest.raises(ValueError, match="fewer than 100 windows"):
+        e2e.heldout_windows(tokenizer, text, 100, 32)
+
+
+def test_window_likelihoods_of_reference_and_served_model(stories_rtn_ckpt):
+    """The reference scores a window as qat.eval does; vLLM's prompt_logprobs are read for the window's own tokens."""
+    from types import SimpleNamespace
+
+    window = [1, 403, 407, 261, 372, 320, 263]
+    nll = e2e.reference_window_nll(str(stories_rtn_ckpt), 2, None, [window], torch.float32, "cpu")[0]
+    model, _, _ = load_quantized(str(stories_rtn_ckpt), bits=2)
+    logp = model(input_ids=torch.tensor([window])).logits[0, :-1].log_softmax(-1)
+    assert nll == pytest.approx(-float(logp.gather(1, torch.tensor(window[1:])[:, None]).sum()), rel=1e-5)
+
+    entries = [None] + [{str(t): {"logprob": float(logp[i, t]), "rank": 3}, "7": {"logprob": -0.1, "rank": 1}}
+                        for i, t in enumerate(window[1:])]
+    response = SimpleNamespace(choices=[SimpleNamespace(model_extra={"prompt_logprobs": entries})])
+    client = SimpleNamespace(completions=SimpleNamespace(create=lambda **kw: response))
+    assert e2e.vllm_window_nll(client, window) == pytest.approx(nll, rel=1e-5)
