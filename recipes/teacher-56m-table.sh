@@ -3,7 +3,9 @@
 # (docs/results/qat-teacher-56m.json). Needs one or more CUDA GPUs; run from the repository root:
 #   DATA=../shared/data bash recipes/teacher-56m-table.sh
 # Environment: RUNS (run directory root, default runs/teacher-56m), QAT_FLAGS (extra qat.run flags
-# for every run, e.g. "--n-train 1024" for the reduced table of docs/RESULTS.md).
+# for every run, e.g. "--n-train 1024" for the reduced table of docs/RESULTS.md), NESTED_FLAGS (the
+# schedule of the nested runs, bitbybit and no-split; default "--lock-bits 2 --stage-epochs 2,2,4":
+# {2} -> {2, W2A2} -> {8,4,3} with the 2-bit codes held, chosen on stories260K's training part).
 # DATA holds teacher-56m/ and gutenberg-sample/. Every run uses recipes/teacher-56m.toml (2 epochs
 # per precision stage) and is evaluated on heldout.txt at context 1024. Runs resume from their last
 # finished block if the script is started again. Two lanes run side by side, each one run at a time:
@@ -27,7 +29,8 @@ run() {  # run NAME GPU [qat.run flags]
     echo "$(date +%T) FAILED $name: see $OUT/$name.log"
   fi
 }
-lane_1() { run bitbybit "$1"; run no-split "$1" --no-split; }
+NESTED_FLAGS=${NESTED_FLAGS---lock-bits 2 --stage-epochs 2,2,4}
+lane_1() { run bitbybit "$1" $NESTED_FLAGS; run no-split "$1" $NESTED_FLAGS --no-split; }
 lane_2() {
   run direct-w2 "$1" --method direct --bits 2  # stages [w2], [w2, w2a2]
   for b in 8 4 3; do run "direct-w$b" "$1" --method direct --bits "$b" --act-bits 16; done
