@@ -44,6 +44,9 @@ KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]
 QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_MS = [1, 16, 64, 1024]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
+# (BN, groups per step, warps) of the half2 GEMV per (bits, M): the fastest on the H200 A/B (scripts/gemv_ab.py)
+H2_TILES = {(2, 1): [(256, 2, 2), (512, 2, 4)], (2, 2): [(512, 2, 4), (512, 1, 4)], (4, 1): [(512, 2, 4)],
+            (4, 2): [(512, 1, 4)]}
 
 
 def graph_time_us(calls: list, trials: int = 7, min_ms: float = 20.0) -> float:
@@ -135,14 +138,17 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
-    """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``."""
+    """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits`` (for M <= 2 at W2/W4,
+    the half2 GEMV's best tiles of ``scripts/gemv_ab.py`` too)."""
     if m <= 2:
         bm, bn, bg, w = gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
             tiles.append((bn, 3 - bg, w))
-        return [Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
-                for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))]
+        return ([Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
+                 for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))]
+                + [Config("gemv_h2", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg), num_warps=w)
+                   for bn, bg, w in H2_TILES.get((bits, m), [])])
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)

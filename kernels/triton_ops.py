@@ -18,7 +18,7 @@ run concurrently on several streams.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -152,6 +152,8 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return y
     cfg = config or choose_config(bits, m, n, kq)
+    if config is None and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
+        cfg = replace(cfg, kernel="gemv")  # a tuned half2 tile takes 16-bit inputs; fp32 ones run the fp32 GEMV
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)

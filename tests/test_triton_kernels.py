@@ -33,6 +33,8 @@ else:
     from kernels.ops import pack_linear
     from kernels.reference import linear_wa, linear_wa16
     from kernels.split import quantize_split_weight, split_region_index
+    from kernels import triton_ops
+    from kernels.bench import candidates
     from kernels.triton_ops import Config, launch_actquant, launch_linear
 
     _dot = interpreter.InterpreterBuilder.create_dot
@@ -173,3 +175,36 @@ else:
             run(x.float(), lay, Config("gemv_h2", 1, 16, 1), torch.float32)
         with pytest.raises(ValueError, match="gemv_h2"):
             run(x, layer(3), Config("gemv_h2", 1, 16, 1), torch.bfloat16)
+
+    class KernelSpy:
+        """Wraps a Triton kernel and records the grid of every launch."""
+
+        def __init__(self, kernel) -> None:
+            self.kernel, self.grids = kernel, []
+
+        def __getitem__(self, grid):
+            self.grids.append(grid)
+            return self.kernel[grid]
+
+    @pytest.mark.parametrize("bits, m", [(2, 1), (2, 2), (4, 1), (4, 2)])
+    def test_tuned_gemv_h2_entry_round_trips_and_dispatches(bits, m, tmp_path, monkeypatch):
+        """A ``--tune`` candidate naming gemv_h2 survives the table file, and the dispatch launches it for
+        16-bit inputs (matching the reference op) and runs the fp32 GEMV on its tile for fp32 inputs."""
+        lay = layer(bits, seed=50 + bits)
+        n, kq = lay.out_features, lay.scales.shape[1] * 32
+        cfg = next(c for c in candidates(bits, m, n, kq) if c.kernel == "gemv_h2")
+        key = triton_ops.table_key(bits, kq, n, m)
+        monkeypatch.setattr(triton_ops, "TABLE_PATH", tmp_path / "triton_table.json")
+        triton_ops.save_table({key: cfg})
+        assert triton_ops._load_table() == {key: cfg}
+        monkeypatch.setitem(triton_ops.TABLE, key, cfg)
+        assert triton_ops.choose_config(bits, m, n, kq) == cfg
+        h2, gemv = KernelSpy(triton_ops.gemv_h2_kernel), KernelSpy(triton_ops.gemv_kernel)
+        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", h2)
+        monkeypatch.setattr(triton_ops, "gemv_kernel", gemv)
+        x = torch.randn(m, K)
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
+        assert rel_err(run(x.to(torch.bfloat16), lay, None, torch.bfloat16), ref) < TOL[torch.bfloat16]
+        assert h2.grids == [(1, cfg.split_k)] and gemv.grids == []
+        assert rel_err(run(x, lay, None, torch.float32), ref) < TOL[torch.float32]
+        assert h2.grids == [(1, cfg.split_k)] and gemv.grids == [(1, cfg.split_k)]
