@@ -94,15 +94,18 @@ def heldout_prompts(path: Path = HELDOUT) -> list[str]:
     return prompts
 
 
+def reference_model(ckpt: str, bits: int, act_bits: int | None, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """The project's own model at W{bits}A{act_bits} (:func:`kernels.qmodel.load_quantized`)."""
+    return load_quantized(ckpt, bits=bits, act_bits=act_bits, device=device, dtype=dtype)[0]
+
+
 @torch.no_grad()
-def reference_tokens(ckpt: str, bits: int, act_bits: int | None, prompt_ids: list[list[int]], n_tokens: int,
-                     dtype: torch.dtype, device: str) -> list[list[int]]:
-    """Greedy continuations (EOS ignored) from the project's quantized model at W{bits}A{act_bits}."""
-    model, _, _ = load_quantized(ckpt, bits=bits, act_bits=act_bits, device=device, dtype=dtype)
+def greedy_tokens(model: torch.nn.Module, prompt_ids: list[list[int]], n_tokens: int) -> list[list[int]]:
+    """Greedy continuations (EOS ignored, KV cache) of each prompt."""
+    device = next(model.parameters()).device
     out = []
     for ids in prompt_ids:
-        x = torch.tensor([ids], device=device)
-        res = model(input_ids=x, use_cache=True)
+        res = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
         tokens = []
         for _ in range(n_tokens):
             nxt = int(res.logits[0, -1].argmax())
@@ -110,9 +113,15 @@ def reference_tokens(ckpt: str, bits: int, act_bits: int | None, prompt_ids: lis
             res = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=res.past_key_values,
                         use_cache=True)
         out.append(tokens)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    return out
+
+
+def window_nll(model: torch.nn.Module, windows: list[list[int]]) -> list[float]:
+    """Summed negative log-likelihood of tokens 1.. of each window (``qat.eval``'s scoring)."""
+    out = []
+    for w in windows:
+        r = perplexity(model, torch.tensor(w), len(w), len(w), desc="reference windows")
+        out.append(math.log(r.ppl) * r.tokens)
     return out
 
 
@@ -124,20 +133,6 @@ def heldout_windows(tokenizer, path: Path, n: int, ctx: int) -> list[list[int]]:
         raise ValueError(f"{path} has {len(ids)} tokens, fewer than {n} windows of {ctx}")
     step = len(ids) // n
     return [[tokenizer.bos_token_id, *ids[i * step:i * step + body]] for i in range(n)]
-
-
-def reference_window_nll(ckpt: str, bits: int, act_bits: int | None, windows: list[list[int]], dtype: torch.dtype,
-                         device: str) -> list[float]:
-    """Summed negative log-likelihood of tokens 1.. of each window under the project's model (``qat.eval``'s scoring)."""
-    model, _, _ = load_quantized(ckpt, bits=bits, act_bits=act_bits, device=device, dtype=dtype)
-    out = []
-    for w in windows:
-        r = perplexity(model, torch.tensor(w), len(w), len(w), desc="reference windows")
-        out.append(math.log(r.ppl) * r.tokens)
-    del model
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    return out
 
 
 def first_divergence(got: list[int], want: list[int]) -> int | None:
@@ -222,8 +217,12 @@ def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Names
     dtype = getattr(torch, args.dtype)
     t0 = time.monotonic()
     name = precision_name(bits, args.act_bits)
-    want = reference_tokens(ckpt, bits, args.act_bits, prompt_ids, args.tokens, dtype, args.device)
-    ref_nll = reference_window_nll(ckpt, bits, args.act_bits, windows, dtype, args.device)
+    model = reference_model(ckpt, bits, args.act_bits, dtype, args.device)
+    want = greedy_tokens(model, prompt_ids, args.tokens)
+    ref_nll = window_nll(model, windows)
+    del model
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     print(f"[e2e] {name}: reference tokens and window likelihoods in {time.monotonic() - t0:.1f} s", flush=True)
     extra = [*VLLM_DEFAULTS, "--dtype", args.dtype, *args.vllm_args]
     with vllm_server(ckpt, bits, args.act_bits, args.port, extra, log_dir / f"vllm-{name}.log") as url:

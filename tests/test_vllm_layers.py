@@ -363,12 +363,7 @@ def test_master_codes_are_freed_and_memory_scales_with_bits(split_ckpt, monkeypa
 
 # --- torch.compile: vLLM compiles the model with fullgraph=True ---
 
-@pytest.mark.parametrize("act_bits", [
-    16,
-    pytest.param(4, marks=pytest.mark.xfail(strict=True, reason="on the CPU kernels.ops.linear runs the reference "
-                                            "activation quantization, whose data-dependent checks break the graph "
-                                            "(on CUDA it runs the bitbybit:: custom ops)")),
-])
+@pytest.mark.parametrize("act_bits", [16, 4])
 def test_apply_traces_without_graph_breaks(tmp_path, monkeypatch, act_bits):
     monkeypatch.setenv(BITS_ENV, "2")
     ckpt = write_split_checkpoint(tmp_path / "c", SPLIT_SHAPE, segments=4, act_bits=act_bits)

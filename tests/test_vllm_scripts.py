@@ -55,7 +55,7 @@ def test_reference_tokens_are_greedy_generation(stories_rtn_ckpt, act_bits):
     """The e2e reference loop (KV cache, EOS ignored) equals transformers' greedy generate, W2A16 and W2A2."""
     ckpt = str(stories_rtn_ckpt)
     ids = [[1, 403, 407, 261, 372], [1, 320, 263]]
-    got = e2e.reference_tokens(ckpt, 2, act_bits, ids, 12, torch.float32, "cpu")
+    got = e2e.greedy_tokens(e2e.reference_model(ckpt, 2, act_bits, torch.float32, "cpu"), ids, 12)
     model, _, _ = load_quantized(ckpt, bits=2, act_bits=act_bits)
     for prompt, tokens in zip(ids, got, strict=True):
         out = model.generate(torch.tensor([prompt]), max_new_tokens=12, min_new_tokens=12, do_sample=False)
@@ -91,7 +91,7 @@ def test_window_likelihoods_of_reference_and_served_model(stories_rtn_ckpt):
     from types import SimpleNamespace
 
     window = [1, 403, 407, 261, 372, 320, 263]
-    nll = e2e.reference_window_nll(str(stories_rtn_ckpt), 2, None, [window], torch.float32, "cpu")[0]
+    nll = e2e.window_nll(e2e.reference_model(str(stories_rtn_ckpt), 2, None, torch.float32, "cpu"), [window])[0]
     model, _, _ = load_quantized(str(stories_rtn_ckpt), bits=2)
     logp = model(input_ids=torch.tensor([window])).logits[0, :-1].log_softmax(-1)
     assert nll == pytest.approx(-float(logp.gather(1, torch.tensor(window[1:])[:, None]).sum()), rel=1e-5)
