@@ -19,8 +19,8 @@ reference's (3 %, 10 % with quantized activations); and, for W{b}A16, at least `
 (14) of the 16 prompts identical for ``--tokens`` (32) tokens. With quantized activations (W{b}A{a}) greedy tokens are reported but not
 required to match: a 2-bit activation code flips under float differences as small as vLLM's fused
 kernels make, and the flips cascade (on teacher-56m W2A2 a 1e-5 relative perturbation of every
-linear's input leaves the reference agreeing with itself on 0 of 8 prompts), so there the
-perplexity is the check. The prompts: ``heldout.txt`` holds 8 books, so each
+linear's input leaves the reference agreeing with itself for 32 tokens on 0 of 8 prompts:
+``scripts/act_quant_sensitivity.py``), so there the perplexity is the check. The prompts: ``heldout.txt`` holds 8 books, so each
 book gives two, the first sentence of its first prose paragraph and of its first prose paragraph
 after the book's midpoint.
 
@@ -57,7 +57,7 @@ MODEL_NAME = "e2e"
 VLLM_DEFAULTS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
 PPL_TOL = 0.03  # W{b}A16: float differences only
 # W{b}A{a}: the reference's own perplexity moves by 3.4-3.6 % when every linear's input is perturbed by 1e-5
-# (relative), teacher-56m RTN W2A2 on 8 x 512 held-out tokens (docs/VLLM.md)
+# (relative), teacher-56m RTN W2A2 on 8 x 512 held-out tokens (scripts/act_quant_sensitivity.py, docs/VLLM.md)
 PPL_TOL_ACT = 0.10
 MIN_PROSE_CHARS = 200
 MIN_SENTENCE_CHARS = 40
