@@ -16,13 +16,15 @@ For every precision B (default: the checkpoint's trained set) this
 
 Pass, at every precision: the streaming checks; vLLM's perplexity within ``--ppl-tol`` of the
 reference's (3 %, 10 % with quantized activations); and, for W{b}A16, at least ``--min-identical``
-(14) of the 16 prompts identical for ``--tokens`` (32) tokens. With quantized activations (W{b}A{a}) greedy tokens are reported but not
-required to match: a 2-bit activation code flips under float differences as small as vLLM's fused
-kernels make, and the flips cascade (on teacher-56m W2A2 a 1e-5 relative perturbation of every
-linear's input leaves the reference agreeing with itself for 32 tokens on 0 of 8 prompts:
-``scripts/act_quant_sensitivity.py``), so there the perplexity is the check. The prompts: ``heldout.txt`` holds 8 books, so each
-book gives two, the first sentence of its first prose paragraph and of its first prose paragraph
-after the book's midpoint.
+(14) of the 16 prompts identical for ``--tokens`` (32) tokens. With quantized activations (W{b}A{a})
+greedy tokens are reported but not required to match: a 2-bit activation code flips under float
+differences as small as vLLM's fused kernels make, and the flips cascade (on teacher-56m W2A2 a 1e-5
+relative perturbation of every linear's input leaves the reference agreeing with itself for 32
+tokens on 0 of 8 prompts: ``scripts/act_quant_sensitivity.py``), so there the perplexity is the
+check.
+
+The prompts: ``heldout.txt`` holds 8 books, so each book gives two, the first sentence of its first
+prose paragraph and of its first prose paragraph after the book's midpoint.
 
     python scripts/vllm_e2e.py --ckpt CKPT [--bits 2,4] [--act-bits 2] [--dtype float32] [--out results.json] [-- VLLM FLAGS]
 
