@@ -18,8 +18,10 @@ costs about 1.5 instructions at M = 1 (LOP3, HADD2, HFMA2 per pair) instead of 3
   from fp16's range). The group's two halves are converted to fp32 and summed, the zero point is
   applied as in the fp32 kernel (``- (zero - C) sum x 2^e``), and the scale times ``2^-e``
   accumulates groups in fp32.
-* The activations of a step are loaded in pair order, scaled, rounded to fp16 and packed into
-  half2 words cooperatively (once per program), then broadcast to every thread.
+* The activations of a step are loaded as the two halves of every pair (so a thread packs the
+  pairs it holds), reduced within a warp, scaled, rounded to fp16 and packed into half2 words
+  cooperatively (once per program), then broadcast to every thread. ``UNROLL=2`` computes two
+  steps per loop iteration, so the loads need no register copies.
 
 Inline PTX is not available to the interpreter: with ``ASM`` off every half2 helper computes the
 same thing with plain Triton ops (fp16 halves of uint32 containers, one rounding per result), so
@@ -35,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish
-from .triton_gemv import _pick, _program_tile, _step_operands
+from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 
 ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX on the GPU, plain-op twins under the interpreter
 H2_BITS = (2, 4, 8)  # single-plane widths
@@ -114,10 +116,11 @@ def _max_sum(amax, asum, bmax, bsum):
 
 
 @triton.jit
-def _x_pairs(xt, P: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr):
+def _x_pairs(xlo, xhi, P: tl.constexpr):
     """Per token and group: the activations as 16 half2 pairs, ``sum_k x_k 2^e`` and ``2^-e``.
 
-    ``xt [BM, BG, 32]`` in pair order (element ``2u + h`` is half ``h`` of pair ``u = r HALF + t``).
+    ``xlo, xhi [BM, BG, 16]``: halves 0 and 1 of pair ``u = r HALF + t`` (word row r, slot t),
+    loaded separately so that a pair is packed in the thread that holds both halves.
     ``2^e`` puts ``max |x 2^e|`` in ``[2^(7-P), 2^(8-P))`` and the pair of slot ``t`` (bit offset
     ``P j`` within its byte) holds ``x 2^(e - P j)``, which the code's ``2^(P j)`` multiplies back,
     so every product is ``(q - C) x 2^e``, at most 128, and the slot with the largest ``j`` has its
@@ -126,14 +129,14 @@ def _x_pairs(xt, P: tl.constexpr, BM: tl.constexpr, BG: tl.constexpr):
     """
     HALF: tl.constexpr = 16 // P
     PJ: tl.constexpr = 8 - P  # P j of the highest slot of a byte
-    xf = xt.to(tl.float32)
-    amax, xsum = tl.reduce((tl.abs(xf), xf), 2, _max_sum)  # one cooperative reduction for both
+    xl = xlo.to(tl.float32)
+    xh = xhi.to(tl.float32)
+    # one cooperative reduction for both, over the element-wise max and sum of the two halves
+    amax, xsum = tl.reduce((tl.maximum(tl.abs(xl), tl.abs(xh)), xl + xh), 2, _max_sum)
     expo = tl.maximum(tl.minimum(amax.to(tl.int32, bitcast=True) >> 23, 252), PJ)
-    jbits = P * ((tl.arange(0, 32) // 2 % HALF) % (8 // P))  # P j of each element's slot
-    xs = xf * ((253 + PJ - expo)[:, :, None] - jbits[None, None, :] << 23).to(tl.float32, bitcast=True)
-    bits16 = xs.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-    shifted = bits16 << (16 * (tl.arange(0, 32) % 2))[None, None, :]
-    pairs = tl.sum(tl.reshape(shifted, (BM, BG, 16, 2)), axis=3)  # disjoint halves: the sum is an OR
+    jbits = P * ((tl.arange(0, 16) % HALF) % (8 // P))  # P j of each pair's slot
+    scale = ((253 + PJ - expo)[:, :, None] - jbits[None, None, :] << 23).to(tl.float32, bitcast=True)
+    pairs = _join(xl * scale, xh * scale)
     up = ((253 + PJ - expo) << 23).to(tl.float32, bitcast=True)
     return pairs, xsum * up, ((expo + 1 - PJ) << 23).to(tl.float32, bitcast=True)
 
@@ -166,40 +169,72 @@ def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
+def _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cmask, cols4, M, K, Kp, Kq, stride_xm,
+             stride_ww, stride_wn, stride_sg, stride_sn, P0: tl.constexpr, BG: tl.constexpr, HALF: tl.constexpr,
+             HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr):
+    """The step at group ``g0`` as loaded: words, the two halves of the activation pairs (columns ``kk`` and
+    ``kk + HALF``), scale and zero bytes."""
+    gs = g0 + tl.arange(0, BG)
+    words = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0, g_hi, cols, cmask, P0, BG)
+    xlo = _x_tile(x_ptr, stride_xm, tok, gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K, kk)
+    xhi = _x_tile(x_ptr, stride_xm, tok, gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K, kk + HALF)
+    sbytes, zbytes = _sz_bytes(s_ptr, z_ptr, gs, g_hi, cols4, cmask, stride_sg, stride_sn)
+    return words, xlo, xhi, sbytes, zbytes
+
+
+@triton.jit
+def _h2_accumulate(acc, words, xlo, xhi, sbytes, zbytes, one, zoff: tl.constexpr, ZMUL: tl.constexpr, P: tl.constexpr,
+                   BM: tl.constexpr, BG: tl.constexpr, ASM: tl.constexpr):
+    """``acc [BM, BN]`` plus one step's ``sum_g scale (sum_k (q_k - zero) x_k)`` (operands as :func:`_h2_step` loads them)."""
+    HALF: tl.constexpr = 16 // P
+    c = tl.sum(e4m3_scaled(sbytes), axis=2)  # [1, BG, BN] (a sum over the size-1 axis: the words' layout)
+    zc = tl.sum(zbytes.to(tl.float32), axis=2) * ZMUL - zoff * ZMUL  # one FFMA, exact
+    pairs, xsum, down = _x_pairs(xlo, xhi, P)
+    pairs = tl.sum(pairs[:, :, :, None], axis=3)  # broadcast after the packing (see triton_gemv)
+    d = _group_dots(words, tl.reshape(pairs, (BM, BG, P, HALF)), one, P, ASM)
+    return acc + tl.sum((c * down[:, :, None]) * (d - zc * xsum[:, :, None]), axis=1)
+
+
+@triton.jit
 def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr, y_ptr, ws_ptr, cnt_ptr,
                    M, N, K, Kp, Kq, stride_xm, stride_ym, stride_ww, stride_wn, stride_sg, stride_sn, one,
                    P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                    S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                    BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, HAS_SPLIT: tl.constexpr,
-                   EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr):
+                   EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                   UNROLL: tl.constexpr = 2):
     """``y[:M] = x[:M] @ W^T`` for M <= BM (single-plane codes, 16-bit ``x``); grid (cdiv(N, BN), SPLIT_K).
 
     The arguments are :func:`kernels.triton_gemv.gemv_kernel`'s without ``R1, R2, magic, WIN``, and
-    ``one`` (:data:`H2_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter).
+    ``one`` (:data:`H2_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter);
+    ``UNROLL`` (1 or 2) steps per loop iteration (a step past ``g_hi`` loads nothing and adds exactly 0).
     """
     tl.static_assert(P1 == 0 and (P0 == 2 or P0 == 4 or P0 == 8))
-    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, BG)
+    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, UNROLL * BG)  # splits of whole loop iterations
     tok = tl.arange(0, BM)
     HALF: tl.constexpr = 16 // P0
-    u = tl.arange(0, 32) // 2
-    # the activation tile in pair order: element 2u + h is half h of pair u = r * HALF + t (word row r, slot t),
-    # column r * 2 HALF + h * HALF + t of the group
-    kk = (u // HALF) * (2 * HALF) + (tl.arange(0, 32) % 2) * HALF + u % HALF
+    u = tl.arange(0, 16)  # pair u = r * HALF + t (word row r, slot t): column r * 2 HALF + t of the group (half 0)
+    kk = (u // HALF) * (2 * HALF) + u % HALF
     zoff: tl.constexpr = ZOFF + (1 << (P0 - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
     acc = tl.zeros([BM, BN], tl.float32)
-    nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4,
-                                              M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
-                                              P0, BG, HAS_SPLIT, EVEN_K)
-    for g0 in range(g_lo, g_hi, BG):
-        words, xt, sbytes, zbytes = nxt, nxt_x, nxt_s, nxt_z
-        nxt, nxt_x, nxt_s, nxt_z = _step_operands(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols,
-                                                  cmask, cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg,
-                                                  stride_sn, P0, BG, HAS_SPLIT, EVEN_K)
-        c = tl.sum(e4m3_scaled(sbytes), axis=2)  # [1, BG, BN] (a sum over the size-1 axis: the words' layout)
-        zc = tl.sum(zbytes.to(tl.float32), axis=2) * ZMUL - zoff * ZMUL  # one FFMA, exact
-        pairs, xsum, down = _x_pairs(xt, P0, BM, BG)
-        pairs = tl.sum(pairs[:, :, :, None], axis=3)  # broadcast after the packing (see triton_gemv)
-        d = _group_dots(words, tl.reshape(pairs, (BM, BG, P0, HALF)), one, P0, ASM)
-        acc += tl.sum((c * down[:, :, None]) * (d - zc * xsum[:, :, None]), axis=1)
+    w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4, M,
+                                    K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn, P0, BG, HALF,
+                                    HAS_SPLIT, EVEN_K)
+    for g0 in range(g_lo, g_hi, UNROLL * BG):
+        if UNROLL == 2:  # step 2i + 2 loads into step 2i's registers while step 2i + 1 computes: no register copies
+            w1, xl1, xh1, s1, z1 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols, cmask,
+                                            cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
+                                            P0, BG, HALF, HAS_SPLIT, EVEN_K)
+            acc = _h2_accumulate(acc, w0, xl0, xh0, s0, z0, one, zoff, ZMUL, P0, BM, BG, ASM)
+            w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + 2 * BG, g_hi, tok, kk, cols,
+                                            cmask, cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg,
+                                            stride_sn, P0, BG, HALF, HAS_SPLIT, EVEN_K)
+            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM)
+        else:  # the next step is loaded while this one computes
+            w1, xl1, xh1, s1, z1 = w0, xl0, xh0, s0, z0
+            w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols, cmask,
+                                            cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
+                                            P0, BG, HALF, HAS_SPLIT, EVEN_K)
+            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM)
     finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
            tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

@@ -1,19 +1,24 @@
 """A/B of the half2 GEMV (``kernels/triton_gemv_h2.py``) against the current GEMV and bf16 ``F.linear``.
 
+Half2 variants (``H2 variants`` below, each launched through the normal dispatch): ``gemv_h2`` (two
+steps per loop iteration, the kernel's default), ``gemv_h2_u1`` (one step per iteration) and, with
+``--prev MODULE``, ``gemv_h2_prev``: the ``gemv_h2_kernel`` of an earlier version of the file, e.g.
+``git show 1e70e0c:kernels/triton_gemv_h2.py > kernels/h2_prev.py`` and ``--prev kernels.h2_prev``.
+
 One run on a CUDA GPU:
 
-1. Correctness of ``gemv_h2`` (and of the current ``gemv``, for comparison) on every shape, bit
+1. Correctness of every half2 variant (and of the current ``gemv``, for comparison) on every shape, bit
    width, M = 1, 2 and input dtype (bf16, fp16), with fresh random inputs, plain and with a few
    outlier channels at 1e4, into NaN-poisoned outputs, against the float64 reference op
    (``kernels.reference.linear_wa16``); ``rel_err = |out - ref| / |ref|`` must stay <= 1e-2.
 2. Timing as ``kernels.bench`` times (CUDA-graph replays over enough weight copies that L2 does
    not help): bf16 ``F.linear``, the current GEMV (its table / default configuration) and a small
-   grid of ``gemv_h2`` configurations (every one also checked once against the reference).
+   grid of configurations per half2 variant (every one also checked once against the reference).
 3. Optionally (``--sass``) the compiler report of both GEMV kernels (``kernels.bench.sass_report``).
 
 Writes JSON to ``--out`` after every shape and prints a table; exits 1 if a correctness check failed.
 
-GPU: ``python3 scripts/gemv_ab.py --out $OUT/gemv_ab.json --sass $OUT/gemv_ab_sass.json``
+GPU: ``python3 scripts/gemv_ab.py --out $OUT/gemv_ab.json --sass $OUT/gemv_ab_sass.json [--prev kernels.h2_prev]``
 CPU smoke test (interpreter, tiny shapes, correctness only):
 ``TRITON_INTERPRET=1 .venv/bin/python scripts/gemv_ab.py --smoke --out /tmp/gemv_ab.json``
 """
@@ -21,10 +26,12 @@ CPU smoke test (interpreter, tiny shapes, correctness only):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -34,7 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.grid import quantize_weight  # noqa: E402
 from kernels.ops import PackedLinear, pack_linear  # noqa: E402
+from kernels import triton_ops  # noqa: E402
 from kernels.reference import linear_wa16  # noqa: E402
+from kernels.triton_gemv_h2 import gemv_h2_kernel  # noqa: E402
 from kernels.triton_ops import Config, choose_config, gemv_split, launch_linear  # noqa: E402
 
 SHAPES = [(8192, 8192), (4096, 14336), (4096, 4096), (14336, 4096), (28672, 8192)]  # K x N
@@ -44,19 +53,46 @@ OUTLIER = 1e4
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+class Unrolled:
+    """Stands in for the half2 kernel in the dispatch, launching it with ``UNROLL`` steps per loop iteration."""
+
+    def __init__(self, kernel, unroll: int) -> None:
+        self.kernel, self.unroll = kernel, unroll
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, UNROLL=self.unroll)
+
+
+def h2_variants(prev: str | None) -> dict:
+    """Variant name -> the object the dispatch launches as ``gemv_h2_kernel`` for it."""
+    variants = {"gemv_h2": Unrolled(gemv_h2_kernel, 2), "gemv_h2_u1": Unrolled(gemv_h2_kernel, 1)}
+    if prev:
+        variants["gemv_h2_prev"] = importlib.import_module(prev).gemv_h2_kernel
+    return variants
+
+
+@contextmanager
+def launching(kernel):
+    """Make the dispatch launch ``kernel`` for ``Config("gemv_h2", ...)`` inside the block."""
+    saved = triton_ops.gemv_h2_kernel
+    triton_ops.gemv_h2_kernel = kernel
+    try:
+        yield
+    finally:
+        triton_ops.gemv_h2_kernel = saved
+
+
 def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool) -> list[Config]:
     """``gemv_h2`` configurations to time; the first is the one the correctness sweep uses.
 
     Tiles ``(BN, groups per step, warps)`` keep one column group of 4 words per thread
-    (``BN = 128 * warps``), like the current GEMV; split-K from ``gemv_split`` and twice that.
-    ``wide`` (W2) adds more tiles and splits, the others time two tiles at one split.
+    (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the first H200
+    A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split``, and twice that if ``wide``.
     """
     if m == 1:
-        tiles = [(512, 2, 4), (256, 2, 2), (512, 4, 4), (1024, 2, 8)] if bits == 2 else [(512, 1, 4), (512, 2, 4)]
+        tiles = [(512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 2, 4), (512, 1, 4)]
     else:
-        tiles = [(512, 1, 4), (256, 1, 2), (512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
-    if not wide:
-        tiles = tiles[:2]
+        tiles = [(512, 2, 4), (512, 1, 4)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
     out = []
     for bn, bg, w in tiles:
         split = gemv_split(n, kq, bn, bg)
@@ -94,41 +130,40 @@ def rel_err(layer: PackedLinear, x: torch.Tensor, cfg: Config | None) -> float:
 
 
 def check(layer: PackedLinear, k: int, n: int, m: int, dtype: str, outliers: bool, cfg: Config | None,
-          device: str) -> dict:
+          device: str, name: str = "gemv") -> dict:
+    """One correctness record of ``cfg`` (None: the current GEMV), run as the half2 variant ``name``."""
     x = make_input(m, k, DTYPES[dtype], outliers, device)
+    rec = dict(K=k, N=n, M=m, bits=layer.bits, dtype=dtype, outliers=outliers, kernel=name)
     try:
         err = rel_err(layer, x, cfg)
     except Exception as e:  # a configuration that does not compile or launch
-        return dict(K=k, N=n, M=m, bits=layer.bits, dtype=dtype, outliers=outliers, kernel=_name(cfg), err=None,
-                    ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
-    return dict(K=k, N=n, M=m, bits=layer.bits, dtype=dtype, outliers=outliers, kernel=_name(cfg), err=err,
-                ok=err <= MAX_ERR, config=None if cfg is None else cfg.__dict__)
+        return dict(rec, err=None, ok=False, error=f"{type(e).__name__}: {str(e)[:300]}")
+    return dict(rec, err=err, ok=err <= MAX_ERR, config=None if cfg is None else cfg.__dict__)
 
 
-def _name(cfg: Config | None) -> str:
-    return "gemv" if cfg is None else cfg.kernel
-
-
-def correctness(k: int, n: int, bits: int, device: str) -> list[dict]:
-    """The default ``gemv_h2`` configuration and the current GEMV on every M, dtype and input kind."""
+def correctness(k: int, n: int, bits: int, device: str, variants: dict) -> list[dict]:
+    """The first ``gemv_h2`` configuration of every half2 variant and the current GEMV on every M, dtype and input."""
     layer = make_layer(k, n, bits, device)
     kq = layer.scales.shape[1] * 32
     recs = []
     for m in (1, 2):
         for dtype in DTYPES:
             for outliers in (False, True):
-                for cfg in (h2_grid(bits, m, n, kq, False)[0], None):
-                    rec = check(layer, k, n, m, dtype, outliers, cfg, device)
+                cfg = h2_grid(bits, m, n, kq, False)[0]
+                runs = [(name, cfg, kernel) for name, kernel in variants.items()] + [("gemv", None, gemv_h2_kernel)]
+                for name, c, kernel in runs:
+                    with launching(kernel):
+                        rec = check(layer, k, n, m, dtype, outliers, c, device, name)
                     recs.append(rec)
                     err = "-" if rec["err"] is None else f"{rec['err']:.2e}"
                     print(f"check K={k:5d} N={n:5d} W{bits} M={m} {dtype} {'outliers' if outliers else 'randn   '} "
-                          f"{rec['kernel']:8s} err {err} {'ok' if rec['ok'] else 'FAIL ' + rec.get('error', '')}",
+                          f"{name:12s} err {err} {'ok' if rec['ok'] else 'FAIL ' + rec.get('error', '')}",
                           flush=True)
     return recs
 
 
-def timing(k: int, n: int, bits: int, wide: bool, bw: float) -> tuple[list[dict], list[dict]]:
-    """Time bf16, the current GEMV and the ``gemv_h2`` grid at M = 1, 2 (bf16 inputs); every h2 config is checked once."""
+def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict) -> tuple[list[dict], list[dict]]:
+    """Time bf16, the current GEMV and every half2 variant's grid at M = 1, 2 (bf16 inputs); each config checked once."""
     from kernels.bench import copies_for, graph_time_us, make_layers, packed_bytes, time_kernel
 
     layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
@@ -150,20 +185,22 @@ def timing(k: int, n: int, bits: int, wide: bool, bw: float) -> tuple[list[dict]
                 rec["error"] = error
             recs.append(rec)
             shown = "failed: " + error if us is None else f"{us:7.2f} us  x{rec['speedup']:5.2f}  {rec['bw_pct']:5.1f}% bw"
-            print(f"time  K={k:5d} N={n:5d} W{bits} M={m} {kernel:8s} {_cfg_str(cfg):24s} {shown}  (bf16 {bf16_us:.2f} us)",
-                  flush=True)
+            print(f"time  K={k:5d} N={n:5d} W{bits} M={m} {kernel:12s} {_cfg_str(cfg):24s} {shown}  "
+                  f"(bf16 {bf16_us:.2f} us)", flush=True)
 
         record("gemv", choose_config(bits, m, n, k), time_kernel(layers, x, None, None))
-        for cfg in h2_grid(bits, m, n, k, wide):
-            chk = check(layers[0], k, n, m, "bf16", False, cfg, "cuda")
-            checks.append(chk)
-            if not chk["ok"]:
-                record("gemv_h2", cfg, None, chk.get("error") or f"rel_err {chk['err']:.2e}")
-                continue
-            try:
-                record("gemv_h2", cfg, time_kernel(layers, x, cfg, None))
-            except Exception as e:
-                record("gemv_h2", cfg, None, f"{type(e).__name__}: {str(e)[:300]}")
+        for name, kernel in variants.items():
+            with launching(kernel):
+                for cfg in h2_grid(bits, m, n, k, wide):
+                    chk = check(layers[0], k, n, m, "bf16", False, cfg, "cuda", name)
+                    checks.append(chk)
+                    if not chk["ok"]:
+                        record(name, cfg, None, chk.get("error") or f"rel_err {chk['err']:.2e}")
+                        continue
+                    try:
+                        record(name, cfg, time_kernel(layers, x, cfg, None))
+                    except Exception as e:
+                        record(name, cfg, None, f"{type(e).__name__}: {str(e)[:300]}")
     del layers, w16
     torch.cuda.empty_cache()
     return recs, checks
@@ -174,22 +211,22 @@ def _cfg_str(cfg: Config) -> str:
 
 
 def table(recs: list[dict]) -> str:
-    """Per shape, bits and M: bf16, the current GEMV and the best h2 configuration (time, speedup, bandwidth)."""
-    rows = ["| K x N | W | M | bf16 us | gemv us (x, bw) | best gemv_h2 us (x, bw) | h2 config | h2 / gemv |",
-            "|---|---|---|---|---|---|---|---|"]
+    """Per shape, bits and M: bf16, the current GEMV and each half2 variant's best configuration (time and ratio)."""
+    names = list(dict.fromkeys(r["kernel"] for r in recs if r["kernel"] != "gemv"))
+    rows = ["| K x N | W | M | bf16 us | gemv us (x, bw) | " + " | ".join(f"{v} us (config) / gemv" for v in names) + " |",
+            "|---|---|---|---|---|" + "---|" * len(names)]
     keys = dict.fromkeys((r["K"], r["N"], r["bits"], r["M"]) for r in recs)
     for k, n, bits, m in keys:
         here = [r for r in recs if (r["K"], r["N"], r["bits"], r["M"]) == (k, n, bits, m) and r["us"] is not None]
         old = next((r for r in here if r["kernel"] == "gemv"), None)
-        h2 = min((r for r in here if r["kernel"] == "gemv_h2"), key=lambda r: r["us"], default=None)
-
-        def cell(r):
-            return "-" if r is None else f"{r['us']:.2f} ({r['speedup']:.2f}x, {r['bw_pct']:.0f}%)"
-
-        ratio = f"{h2['us'] / old['us']:.2f}" if old and h2 else "-"
+        cells = []
+        for v in names:
+            best = min((r for r in here if r["kernel"] == v), key=lambda r: r["us"], default=None)
+            ratio = f"{best['us'] / old['us']:.2f}" if old and best else "-"
+            cells.append("-" if best is None else f"{best['us']:.2f} ({_cfg_str(Config(**best['config']))}) / {ratio}")
+        gemv = "-" if old is None else f"{old['us']:.2f} ({old['speedup']:.2f}x, {old['bw_pct']:.0f}%)"
         bf16 = here[0]["bf16_us"] if here else "-"
-        h2cfg = _cfg_str(Config(**h2["config"])) if h2 else "-"
-        rows.append(f"| {k} x {n} | {bits} | {m} | {bf16} | {cell(old)} | {cell(h2)} | {h2cfg} | {ratio} |")
+        rows.append(f"| {k} x {n} | {bits} | {m} | {bf16} | {gemv} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -200,8 +237,10 @@ def main() -> None:
                     help="comma-separated KxN (default: " + ",".join(f"{k}x{n}" for k, n in SHAPES) + ")")
     ap.add_argument("--bits", type=lambda s: [int(v) for v in s.split(",")], default=[2, 4])
     ap.add_argument("--wide-shapes", type=int, default=2,
-                    help="the first this many shapes time the full W2 grid, the others two tiles (time budget)")
+                    help="the first this many shapes time W2 at two split-K values, the others at one (time budget)")
     ap.add_argument("--sass", type=Path, help="write the compiler report of both GEMV kernels (JSON)")
+    ap.add_argument("--prev", metavar="MODULE",
+                    help="also time the gemv_h2_kernel of this module (an earlier kernel file), as gemv_h2_prev")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
@@ -218,12 +257,13 @@ def main() -> None:
         bw = copy_bandwidth()
         info["copy_tbps"] = round(bw / 1e12, 3)
     print(info, flush=True)
+    variants = h2_variants(args.prev)
     result = dict(info=info, correctness=[], timing=[], timing_checks=[])
     for i, (k, n) in enumerate(shapes):
         for bits in args.bits:
-            result["correctness"] += correctness(k, n, bits, device)
+            result["correctness"] += correctness(k, n, bits, device, variants)
             if not smoke:
-                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw)
+                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw, variants)
                 result["timing"] += recs
                 result["timing_checks"] += checks
             args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -236,11 +276,11 @@ def main() -> None:
     result["seconds"] = round(time.monotonic() - t0, 1)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     failed = [r for r in result["correctness"] + result["timing_checks"] if not r["ok"]]
-    errs = [r["err"] for r in result["correctness"] if r["err"] is not None and r["kernel"] == "gemv_h2"]
+    errs = [r["err"] for r in result["correctness"] if r["err"] is not None and r["kernel"] != "gemv"]
     if result["timing"]:
         print(table(result["timing"]))
     summary = f"max {max(errs):.2e}, median {sorted(errs)[len(errs) // 2]:.2e} over {len(errs)}" if errs else "no"
-    print(f"gemv_h2 rel_err: {summary} checks; {len(failed)} failed checks; {result['seconds']} s", flush=True)
+    print(f"half2 rel_err: {summary} checks; {len(failed)} failed checks; {result['seconds']} s", flush=True)
     sys.exit(1 if failed else 0)
 
 

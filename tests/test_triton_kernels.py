@@ -151,10 +151,22 @@ else:
                   in_features=xq.shape[1])
         assert rel_err(out, linear_wa(x.double(), lay.to_quantized_weight(), bits, 4)) < TOL[torch.float16]
 
+    class Unrolled:
+        """Launches a half2 GEMV kernel with ``UNROLL`` steps per loop iteration."""
+
+        def __init__(self, kernel, unroll: int) -> None:
+            self.kernel, self.unroll = kernel, unroll
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, UNROLL=self.unroll)
+
     @pytest.mark.parametrize("bits", [2, 4, 8])
-    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv_h2", 1, 8, 2)), (2, Config("gemv_h2", 2, 16, 1, split_k=3))])
-    def test_gemv_h2_matches_reference(bits, m, cfg):
+    @pytest.mark.parametrize("unroll", [1, 2])
+    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv_h2", 1, 8, 2)), (2, Config("gemv_h2", 2, 16, 1, split_k=3)),
+                                        (1, Config("gemv_h2", 1, 8, 4))])  # the last: one step, odd for UNROLL=2
+    def test_gemv_h2_matches_reference(bits, unroll, m, cfg, monkeypatch):
         """The half2 GEMV (plain-op twins of its PTX) with split channels, K padding and a 1e4 outlier channel."""
+        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", Unrolled(triton_ops.gemv_h2_kernel, unroll))
         lay = layer(bits, seed=30 + bits)
         for dtype in (torch.bfloat16, torch.float16):
             x = torch.randn(m, K)
