@@ -21,6 +21,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -32,15 +34,21 @@ from vllm_e2e import (HELDOUT, first_divergence, greedy_tokens, heldout_prompts,
 from kernels.qmodel import QuantLinear, load_tokenizer  # noqa: E402
 
 
-def perturb_inputs(model: torch.nn.Module, eps: float, seed: int) -> list:
-    """Multiply every QuantLinear's input by ``1 + eps * N(0, 1)`` (fresh noise per call); returns the hook handles."""
+@contextmanager
+def perturbed_inputs(model: torch.nn.Module, eps: float, seed: int) -> Iterator[None]:
+    """Inside the block, every QuantLinear's input is multiplied by ``1 + eps * N(0, 1)`` (fresh noise per call)."""
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
 
     def hook(_module, args):
         x = args[0]
         return (x * (1 + eps * torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)),)
 
-    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    handles = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, QuantLinear)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -85,15 +93,13 @@ def main() -> None:
     wide = reference_model(args.ckpt, args.bits, act, torch.float64, args.device)
     f64 = [first_divergence(t, b) for t, b in zip(greedy_tokens(wide, prompt_ids, args.tokens), base)]
     del wide
-    handles = perturb_inputs(model, args.eps, seed=0)
-    noisy = [first_divergence(t, b) for t, b in zip(greedy_tokens(model, prompt_ids, args.tokens), base)]
-    top1 = teacher_forced_top1(model, prompt_ids, base)
+    with perturbed_inputs(model, args.eps, seed=0):
+        noisy = [first_divergence(t, b) for t, b in zip(greedy_tokens(model, prompt_ids, args.tokens), base)]
+        top1 = teacher_forced_top1(model, prompt_ids, base)
     agree = sum(a == b for t, c in zip(top1, base) for a, b in zip(t, c)) / sum(map(len, base))
     for draw in range(args.draws):
-        for h in handles:
-            h.remove()
-        handles = perturb_inputs(model, args.eps, seed=1 + draw)
-        ppl.append(math.exp(sum(window_nll(model, windows)) / scored))
+        with perturbed_inputs(model, args.eps, seed=1 + draw):
+            ppl.append(math.exp(sum(window_nll(model, windows)) / scored))
 
     res = {"ckpt": args.ckpt, "precision": name, "eps": args.eps, "prompts": len(prompt_ids), "tokens": args.tokens,
            "float64_first_divergence": f64, "noise_first_divergence": noisy, "noise_teacher_forced_top1": agree,
