@@ -59,13 +59,18 @@ def run_block(block: nn.Module, x: torch.Tensor, kwargs: Mapping) -> torch.Tenso
 
 
 def run_block_batched(block: nn.Module, x: torch.Tensor, kwargs: Mapping, batch_size: int,
-                      autocast: bool) -> torch.Tensor:
-    """The block applied to every row of ``x`` (no gradient), in ``x``'s dtype."""
-    outs = []
+                      autocast: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The block applied to every row of ``x`` (no gradient), in ``x``'s dtype.
+
+    Written into ``out`` when given (no second copy of the rows in memory): ``out`` may be ``x`` itself,
+    since each batch of rows is read before it is overwritten and no row depends on another.
+    """
+    out = torch.empty_like(x) if out is None else out
     with torch.no_grad(), torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         for start in range(0, x.shape[0], batch_size):
-            outs.append(run_block(block, x[start:start + batch_size], kwargs).to(x.dtype))
-    return torch.cat(outs)
+            rows = slice(start, start + batch_size)
+            out[rows] = run_block(block, x[rows], kwargs).to(out.dtype)
+    return out
 
 
 def make_student(teacher_block: nn.Module, split_indices: Mapping[str, torch.Tensor], split_bits: int,

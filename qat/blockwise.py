@@ -257,7 +257,7 @@ def quantize_blocks(teacher: PreTrainedModel, recipe: Recipe, run: RunDir, train
     split_bits = recipe.split_bits or recipe.lowest_bits
     targets = recipe.targets()
     fp, kwargs = capture_layer0_inputs(teacher, torch.cat([train_ids, val_ids]), bs, store_dtype)
-    quantized_inputs = recipe.block_input == "quantized"
+    quantized_inputs = recipe.block_input == "quantized" and recipe.trained  # RTN reads no stream
     streams = {t: fp for t in targets} if quantized_inputs else {}
     done = run.finished_blocks()
     if done:
@@ -273,9 +273,10 @@ def quantize_blocks(teacher: PreTrainedModel, recipe: Recipe, run: RunDir, train
             targets_out = run_block_batched(block, fp, kwargs, bs, autocast)
         else:
             norms = InputNorms(block)  # statistics from the training rows only
-            train_out = run_block_batched(block, fp[:n_train], kwargs, bs, autocast)
+            targets_out = torch.empty_like(fp)
+            run_block_batched(block, fp[:n_train], kwargs, bs, autocast, out=targets_out[:n_train])
             channel_norms = norms.remove()
-            targets_out = torch.cat([train_out, run_block_batched(block, fp[n_train:], kwargs, bs, autocast)])
+            run_block_batched(block, fp[n_train:], kwargs, bs, autocast, out=targets_out[n_train:])
             ratio = recipe.split_ratio(i, n_blocks)
             splits = choose_splits(block, channel_norms, ratio, GROUP_SIZE, recipe.split_segments) \
                 if ratio > 0 else no_splits()
@@ -303,7 +304,9 @@ def quantize_blocks(teacher: PreTrainedModel, recipe: Recipe, run: RunDir, train
         if i + 1 < n_blocks:
             for t in streams:
                 set_target(student, t)
-                streams[t] = run_block_batched(student, streams[t], kwargs, bs, autocast)
+                shared = any(streams[u] is streams[t] for u in streams if u != t)  # block 1: all are the fp rows
+                streams[t] = run_block_batched(student, streams[t], kwargs, bs, autocast,
+                                               out=None if shared else streams[t])
             fp = targets_out
         del student
     return result
