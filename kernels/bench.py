@@ -8,7 +8,9 @@ copy measured in the same run, counting the bytes the op must move (packed weigh
 zero points and row scales, activations in, output out).
 
 Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
-"speedup", "bw_pct", "config", "copy_tbps"}``) and prints a markdown table. ``--tune`` first picks, per shape,
+"speedup", "bw_pct", "config", "copy_tbps"}``) and prints a markdown table. ``w{b}a{a}-mma`` times the int8
+tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and ``w{b}a{a}-mma-norescale`` the same
+without its per-group rescale (wrong numbers; the difference is the rescale's time). ``--tune`` first picks, per shape,
 the fastest of a few kernel configurations and writes ``kernels/triton_table.json``; ``--sass``
 prints the compiler report (registers, spills, instruction mix of the main loop) of every
 kernel variant that ran.
@@ -34,8 +36,9 @@ from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
-from .triton_ops import (TABLE, Config, choose_config, gemv_split, gemv_tile, launch_actquant, launch_linear, save_table,
-                          table_key)
+from .triton_mma import mma_kernel
+from .triton_ops import (TABLE, Config, choose_config, gemv_split, gemv_tile, launch_actquant, launch_linear,
+                          launch_linear_wa, mma8_config, save_table, table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
           (28672, 8192)]
@@ -119,22 +122,19 @@ def make_layers(k: int, n: int, bits: int, count: int) -> list[PackedLinear]:
     return layers
 
 
-def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config | None, act_bits: int | None):
+def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Config | None, act_bits: int | None,
+                rescale: bool = True):
     if act_bits is None:
         return lambda: launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None,
                                      layer.bits, 8, layer.in_features, x.dtype, cfg, out)
-
-    def call():
-        xq, ts = launch_actquant(x, None, act_bits)
-        launch_linear(xq, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, None, layer.bits, 8,
-                      xq.shape[1], x.dtype, cfg, out)
-    return call
+    return lambda: launch_linear_wa(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None,
+                                    layer.bits, 8, act_bits, x.dtype, cfg, out, rescale)
 
 
 def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None, act_bits: int | None,
-                **timing) -> float:
+                rescale: bool = True, **timing) -> float:
     out = torch.empty(x.shape[0], layers[0].out_features, dtype=x.dtype, device="cuda")
-    return graph_time_us([linear_call(layer, x, out, cfg, act_bits) for layer in layers], **timing)
+    return graph_time_us([linear_call(layer, x, out, cfg, act_bits, rescale) for layer in layers], **timing)
 
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
@@ -204,10 +204,11 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
                     us = graph_time_us([lambda xi=xi: launch_actquant(xi, None, bits) for xi in xs])
                     nbytes, cfg = 2 * m * k + 2 * m * k + 4 * m, None
                 else:
-                    wb, ab = (int(v) for v in re.match(r"w(\d)a(\d+)", name).groups())
-                    act = None if ab == 16 else ab
-                    us = time_kernel(layers[wb], x, None, act)
-                    nbytes, cfg = packed_bytes(layers[wb][0]) + io, choose_config(wb, m, n, k)
+                    wb, ab, variant = re.fullmatch(r"w(\d)a(\d+)(-mma|-mma-norescale)?", name).groups()
+                    wb, act = int(wb), None if ab == "16" else int(ab)
+                    cfg = mma8_config(m, n, k) if variant else None
+                    us = time_kernel(layers[wb], x, cfg, act, rescale=variant != "-mma-norescale")
+                    nbytes, cfg = packed_bytes(layers[wb][0]) + io, cfg or choose_config(wb, m, n, k)
                 rec = dict(kernel=name, K=k, N=n, M=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
                            speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),
                            config=None if cfg is None else cfg.__dict__)
@@ -254,7 +255,7 @@ def _loop_mix(sass: str) -> tuple[int, Counter]:
     return len(best), ops
 
 
-def sass_report(kernels: tuple = (gemv_kernel, gemm_kernel, actquant_kernel)) -> list[dict]:
+def sass_report(kernels: tuple = (gemv_kernel, gemm_kernel, mma_kernel, actquant_kernel)) -> list[dict]:
     """Registers, spills, shared memory and main-loop instruction mix of every compiled variant of ``kernels``."""
     report = []
     for fn in kernels:
@@ -287,6 +288,7 @@ def main() -> None:
         epilog="examples:\n"
                "  python -m kernels.bench --quick\n"
                "  python -m kernels.bench --kernels w2a16,w4a16 --shapes 8192x8192 --ms 1,16 --out /tmp/k.json\n"
+               "  python -m kernels.bench --kernels w2a2,w2a2-mma,w2a2-mma-norescale --ms 256,1024 --out /tmp/m.json\n"
                "  python -m kernels.bench --tune --shapes 8192x8192,4096x14336 --kernels w2a16,w4a16 --ms 1,2\n")
     ap.add_argument("--quick", action="store_true",
                     help=f"a short run: shapes {shapes_text(QUICK_SHAPES)}, M {','.join(map(str, QUICK_MS))} "
@@ -298,6 +300,8 @@ def main() -> None:
                     help=f"comma-separated token counts (rows of the activation) (default: {','.join(map(str, MS))})")
     ap.add_argument("--kernels", type=lambda s: s.split(","), default=KERNELS, metavar="NAME,...",
                     help="comma-separated: w{b}a16 (weights only), w{b}a{a} (activations quantized too), "
+                         "w{b}a{a}-mma (the int8 tensor-core kernel, a <= 7), w{b}a{a}-mma-norescale (the same "
+                         "without its per-group rescale: wrong numbers, for the time breakdown), "
                          f"actquant{{a}} (activation quantization alone) (default: {','.join(KERNELS)})")
     ap.add_argument("--tune", action="store_true",
                     help="first time a few W2/W4 kernel configs per shape and M, save the fastest into "

@@ -6,6 +6,9 @@ Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile
   in_features, out_dtype)``: ``x [..., K] @ W_b^T``; with ``token_scale`` the input is already
   quantized (``xq`` of ``quantize_act``) and each row is scaled by it.
 * ``quantize_act(x, split_index, act_bits) -> (xq fp16 [..., Kq], token_scale fp32 [...])``.
+* ``linear_wa(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, act_bits, out_dtype,
+  kernel)``: W{b}A{a} in one op; ``kernel="mma8"`` runs the int8 tensor-core kernel (tiles by shape,
+  :func:`mma8_config`), ``"auto"`` the two ops above.
 
 Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
 on the H200 (``kernels/triton_table.json``, written by ``python -m kernels.bench --tune``) and a
@@ -31,6 +34,7 @@ from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
 from .triton_gemv import MAGIC_BITS, gemv_kernel
 from .triton_gemv_h2 import ASM, H2_ONE, check_h2, gemv_h2_kernel
+from .triton_mma import mma_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
@@ -46,7 +50,9 @@ class Config:
     same on packed half2 arithmetic, experimental: 2/4/8-bit weights, 16-bit inputs), ``"gemm"`` (fused
     dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
-    GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it).
+    GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
+    activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
+    experimental; block_k is one group, 32; only through :func:`launch_linear_wa`).
     """
 
     kernel: str
@@ -119,6 +125,17 @@ def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
     return TABLE.get(table_key(bits, kq, n, m)) or default_config(bits, m, n, kq)
 
 
+def mma8_config(m: int, n: int, kq: int, sms: int = 132) -> Config:
+    """Tiles of the int8 W{b}A{a} kernel by shape (a rule, not timed yet): BM from M, BN 128 from 64 tokens,
+    split-K up to about two programs per SM with at least 16 groups each."""
+    bm = min(128, max(16, triton.next_power_of_2(m)))
+    bn = 128 if bm >= 64 else 64
+    split = 1
+    while triton.cdiv(m, bm) * triton.cdiv(n, bn) * split < 2 * sms and kq // (32 * split) >= 32 and split < 32:
+        split *= 2
+    return Config("mma8", bm, bn, GROUP_SIZE, split_k=split, num_warps=8 if bm * bn >= 128 * 128 else 4, num_stages=3)
+
+
 def save_table(table: dict[str, Config]) -> None:
     TABLE_PATH.write_text(json.dumps({k: asdict(v) for k, v in sorted(table.items())}, indent=1) + "\n")
 
@@ -131,13 +148,25 @@ def plane_args(bits: int, kq: int) -> dict:
                 S2=max(shifts[2], 0), R1=kq * widths[0] // 32, R2=kq * (widths[0] + widths[1]) // 32)
 
 
+def weight_args(bits: int, master_bits: int, kq: int) -> tuple[int, int, dict]:
+    """``(R1, R2, constexprs)`` of a b-bit weight: :func:`plane_args` and the zero point's ``ZOFF``, ``ZMUL``
+    (``zero_b = (zero - ZOFF) * ZMUL``)."""
+    mult = 2 ** (master_bits - bits)
+    consts = dict(plane_args(bits, kq), ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult)
+    return consts.pop("R1"), consts.pop("R2"), consts
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
-def _counter_buffer(device: torch.device) -> torch.Tensor:
+def _split_buffers(tiles: int, cfg: Config, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(split_k, workspace, counters)`` of a launch over ``tiles`` output tiles (split-K off past COUNTERS tiles)."""
     if device not in _counters:
         _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
+    split_k = cfg.split_k if tiles <= COUNTERS else 1
+    ws = torch.empty(tiles * split_k * cfg.block_m * cfg.block_n if split_k > 1 else 1, dtype=torch.float32,
+                     device=device)
+    return split_k, ws, _counters[device]
 
 
 def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -154,6 +183,8 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     cfg = config or choose_config(bits, m, n, kq)
     if config is None and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
         cfg = replace(cfg, kernel="gemv")  # a tuned half2 tile takes 16-bit inputs; fp32 ones run the fp32 GEMV
+    if cfg.kernel == "mma8":
+        raise ValueError("mma8 runs on activation codes: call launch_linear_wa")
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -162,21 +193,18 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         raise ValueError(f"this GEMV configuration takes at most {cfg.block_m} rows, got {m}")
     mult = 2 ** (master_bits - bits)
     has_split = split_index is not None and split_index.numel() > 0
-    cnt = _counter_buffer(x.device)
     bm = cfg.block_m
     tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, bm))
-    split_k = cfg.split_k if tiles <= COUNTERS else 1
+    split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
     grid = (tiles, split_k)
-    ws = torch.empty(tiles * split_k * bm * cfg.block_n if split_k > 1 else 1, dtype=torch.float32,
-                     device=x.device)
     su8, zu8 = scales.view(torch.uint8), zeros
     args = (x, packed, su8, zu8, row_scale, token_scale if token_scale is not None else row_scale,
             bias if bias is not None else row_scale, split_index if has_split else packed, y, ws, cnt,
             m, n, in_features, padded_width(in_features, GROUP_SIZE), kq, x.stride(0), y.stride(0),
             packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0))
-    consts = dict(plane_args(bits, kq), ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult,
-                  SPLIT_K=split_k, HAS_SPLIT=has_split, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None)
-    r1, r2 = consts.pop("R1"), consts.pop("R2")
+    r1, r2, consts = weight_args(bits, master_bits, kq)
+    consts.update(COL_MULT=256.0 * mult, SPLIT_K=split_k, HAS_SPLIT=has_split, HAS_TS=token_scale is not None,
+                  HAS_BIAS=bias is not None)
     if zu8.stride() != su8.stride():
         raise ValueError("scales and zeros must share one memory layout")
     if cfg.kernel == "gemv":
@@ -200,13 +228,11 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
     kq = g * GROUP_SIZE
     mult = 2 ** (master_bits - bits)
     w = torch.empty(n, kq, dtype=y.dtype, device=x.device)
-    consts = plane_args(bits, kq)
-    r1, r2 = consts.pop("R1"), consts.pop("R2")
+    r1, r2, consts = weight_args(bits, master_bits, kq)
     su8 = scales.view(torch.uint8)
     dequant_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(kq, cfg.block_k))](
         packed, su8, zeros, row_scale, w, n, kq, packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0),
-        r1, r2, MAGIC_BITS, **consts, ZOFF=(mult - 1) / 2, ZMUL=1.0 / mult, COL_MULT=256.0 * mult, BN=cfg.block_n,
-        BK=cfg.block_k, num_warps=cfg.num_warps)
+        r1, r2, MAGIC_BITS, **consts, COL_MULT=256.0 * mult, BN=cfg.block_n, BK=cfg.block_k, num_warps=cfg.num_warps)
     xe = x if token_scale is None else x.float() * token_scale[:, None]
     xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != kq else xe).to(y.dtype)
     if bias is None:
@@ -238,6 +264,48 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=bg * GROUP_SIZE >= kq,
                               num_warps=min(16, max(4, bg // 32)))
     return (xq, ts, *extra)
+
+
+def launch_linear_wa(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                     master_bits: int, act_bits: int, out_dtype: torch.dtype, config: Config | None = None,
+                     out: torch.Tensor | None = None, rescale: bool = True) -> torch.Tensor:
+    """W{b}A{a} on ``x [M, K]`` (contiguous rows): quantize the activations per token, then the linear.
+
+    ``config.kernel == "mma8"`` runs :func:`kernels.triton_mma.mma_kernel` on the activation codes (a <= 7);
+    otherwise (``config`` None: the table) :func:`launch_linear` runs on the exact fp16 ``xq``.
+    ``rescale=False`` (mma8 only) skips the per-group rescale: wrong numbers, for timing it.
+    """
+    m = x.shape[0]
+    n, g = scales.shape
+    kq = g * GROUP_SIZE
+    cfg = config or choose_config(bits, m, n, kq)
+    if cfg.kernel != "mma8":
+        if not rescale:
+            raise ValueError("rescale=False is a timing switch of the mma8 kernel only")
+        xq, ts = launch_actquant(x, split_index, act_bits)
+        return launch_linear(xq, packed, scales, zeros, row_scale, None, ts, bias, bits, master_bits, kq, out_dtype,
+                             config, out)
+    if act_bits > 7 or cfg.block_k != GROUP_SIZE:
+        raise ValueError(f"mma8 takes act_bits <= 7 (int8 operands) and block_k = {GROUP_SIZE}, got {act_bits}, "
+                         f"{cfg.block_k}")
+    _, ts, codes, xs, xz = launch_actquant(x, split_index, act_bits, write_codes=True)
+    y = torch.empty(m, n, dtype=out_dtype, device=x.device) if out is None else out
+    if m == 0:
+        return y
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
+    r1, r2, consts = weight_args(bits, master_bits, kq)
+    su8 = scales.view(torch.uint8)
+    if zeros.stride() != su8.stride():
+        raise ValueError("scales and zeros must share one memory layout")
+    mma_kernel[(tiles, split_k)](
+        codes, xs, xz, packed, su8, zeros, row_scale, ts, bias if bias is not None else row_scale, y, ws, cnt, m, n,
+        kq, y.stride(0), packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0), r1, r2, **consts,
+        CW=2 ** (bits - 1), COL_MULT=65536.0 * 2 ** (master_bits - bits - act_bits), BM=cfg.block_m, BN=cfg.block_n,
+        SPLIT_K=split_k, RESCALE=rescale, HAS_BIAS=bias is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
+    return y
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -272,6 +340,25 @@ def _quantize_act_fake(x, split_index, act_bits):
     kq = padded_width(x.shape[-1], GROUP_SIZE) + (0 if split_index is None else split_index.shape[0])
     return (x.new_empty(*x.shape[:-1], kq, dtype=torch.float16),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("bitbybit::linear_wa", mutates_args=())
+def linear_wa_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                 master_bits: int, act_bits: int, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+    if kernel not in ("auto", "mma8"):
+        raise ValueError(f"kernel must be 'auto' or 'mma8', got {kernel!r}")
+    rows = _rows(x)
+    cfg = mma8_config(rows.shape[0], scales.shape[0], scales.shape[1] * GROUP_SIZE) if kernel == "mma8" else None
+    y = launch_linear_wa(rows, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, act_bits,
+                         out_dtype, cfg)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+@linear_wa_op.register_fake
+def _linear_wa_fake(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, act_bits, out_dtype,
+                    kernel):
+    return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
 BITBYBIT_OPS = torch.ops.bitbybit
