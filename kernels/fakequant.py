@@ -11,7 +11,9 @@ layer (the split layout is an identity in float, so it equals the unsplit layer)
 The forward pass also traces under ``torch.compile`` (QAT's compiled training step): there the master
 codes are recomputed inside the graph instead of read from the eager cache, and the format's
 data-dependent input checks are skipped (:func:`kernels.e4m3.value_checks`), so the graph has no
-host syncs and no breaks.
+host syncs and no breaks. Inductor's Triton code divides approximately (fp32 ``x / y``), so on a GPU a
+rounding at a near-tie (a master code, a group's zero point) may go the other way than in the exported
+codes; the compiled weight then differs there by whole master steps (tests/test_qat_compile.py).
 """
 
 from __future__ import annotations

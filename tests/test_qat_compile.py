@@ -1,4 +1,6 @@
-"""--compile: the block-training step under torch.compile gives the eager step's losses and weights."""
+"""--compile: the block-training step under torch.compile gives the eager step's losses and weights, and the
+compiled fake weight is the exported one up to near-tie roundings (``assert_same_grid_values``, shared with
+tests/gpu/test_qat_compile_gpu.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
+from torch._inductor.codegen.cpp import CppOverrides
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from kernels.fakequant import FakeQuantLinear
+from kernels.grid import MASTER_BITS
 from kernels.split import split_region_index
 from qat.blocks import capture_layer0_inputs, fake_quant_linears, make_student, run_block_batched
 from qat.blockwise import backward_targets, compiled, target_loss
@@ -20,6 +26,39 @@ from qat.run import main, parse_args, resolve_compile
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = [Target(4), Target(2, 2)]  # a weight-only target and one with activation quantization
+FLOAT_TOL = 1e-3  # of a master step: inductor reorders the dequantization arithmetic, so the last bits differ
+MOVED_MAX = 1e-4  # fraction of elements that a near-tie rounding (a master code, a group's zero point) may move
+
+
+def compiled_and_eager_fake_weight(bits: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A 512 x 1408 layer with 71 split channels: its fake weight at ``bits`` compiled (inductor) and eager (the
+    exported weight), and the exported master step of each element, all ``[N, Kq]``."""
+    torch.manual_seed(0)
+    lin = FakeQuantLinear(nn.Linear(1408, 512, bias=False).to(device),
+                          split_region_index(range(0, 1408, 20), 1408, 32), 1e-3)
+    got = torch.compile(lin.fake_weight)(bits)
+    want = lin.fake_weight(bits)
+    return got.detach(), want.detach(), lin.quantized().step().repeat_interleave(lin.group_size, dim=1)
+
+
+def assert_same_grid_values(got: torch.Tensor, want: torch.Tensor, step: torch.Tensor, bits: int) -> int:
+    """``got`` is ``want`` (b-bit weights on the master grid of step ``step``) but where a rounding went the other
+    way at a near-tie: the compiled grid may divide differently from eager (Triton's fp32 ``x / y`` is approximate).
+
+    A b-bit value is ``step * (2^(8-b) * code_b + offset - zero)``. A master code moved by one moves it by a whole
+    b-bit step where it crosses a cell boundary (else not at all); below 8 bits, a group's zero point moved by one
+    moves all its values by one master step, b-bit codes unchanged (1/16 of a 4-bit step; at 8 bits the codes
+    move with the zero and the values stay). So ``got - want`` is a whole number of master steps (to
+    ``FLOAT_TOL``) everywhere, at most one b-bit step (plus one master step below 8 bits), and nonzero for at
+    most ``MOVED_MAX`` of the elements. Returns how many moved.
+    """
+    off = (got - want) / step
+    moves = off.round()
+    assert (off - moves).abs().max().item() <= FLOAT_TOL
+    assert moves.abs().max().item() <= 2 ** (MASTER_BITS - bits) + (bits < MASTER_BITS)
+    moved = int(moves.count_nonzero())
+    assert moved <= MOVED_MAX * off.numel()
+    return moved
 
 
 def _block_and_data():
@@ -63,6 +102,21 @@ def test_compiled_training_steps_match_eager_in_one_graph_per_target() -> None:
     assert torch.allclose(losses, eager_losses, rtol=1e-5, atol=1e-9)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(weights, eager_weights))
     assert not torch.equal(losses[0], losses[-1])  # the weights did move
+
+
+def test_compiled_fake_weight_moves_only_at_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
+    """tests/gpu's check on CPU inductor with Triton's approximate fp32 division emulated as ``x * (1 / y)``: there
+    group (87, 40) has ``-min / step`` = 132.500015 in eager and just under 132.5 compiled (its row factor, the
+    row's largest scale / 448, came out one ulp larger), so its zero point is 132, not 133, and its 4-bit
+    values are one master step off, b-bit codes unchanged: 0.0625014 of a 4-bit step, as the H200 found."""
+    monkeypatch.setattr(CppOverrides, "truediv", staticmethod(lambda a, b: f"({a} * (decltype({b})(1) / {b}))"))
+    torch._dynamo.reset()
+    try:  # no cached kernels (they divide exactly); scalar C++ kernels (the vectorized ones divide elsewhere)
+        with torch.compiler.config.patch(force_disable_caches=True), torch._inductor.config.patch({"cpp.simdlen": 1}):
+            moved = [assert_same_grid_values(*compiled_and_eager_fake_weight(b, "cpu"), b) for b in (8, 4, 3, 2)]
+    finally:
+        torch._dynamo.reset()  # no code compiled with the emulated division outlives the test
+    assert all(moved)  # the emulation is in effect: 6 codes move at 8 bits, group (87, 40)'s 32 values below
 
 
 def test_compile_flag_defaults_to_the_device() -> None:
