@@ -56,7 +56,7 @@ from serve.vllm_launch import vllm_command
 
 HELDOUT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gutenberg-sample" / "heldout.txt"
 MODEL_NAME = "e2e"
-VLLM_DEFAULTS = ["--max-model-len", "1024", "--gpu-memory-utilization", "0.5"]
+VLLM_DEFAULTS = ["--gpu-memory-utilization", "0.5"]
 PPL_TOL = 0.03  # W{b}A16: float differences only
 # W{b}A{a}: the reference's own perplexity moves by 3.4-3.6 % when every linear's input is perturbed by 1e-5
 # (relative), teacher-56m RTN W2A2 on 8 x 512 held-out tokens (scripts/act_quant_sensitivity.py, docs/VLLM.md)
@@ -226,7 +226,8 @@ def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Names
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     print(f"[e2e] {name}: reference tokens and window likelihoods in {time.monotonic() - t0:.1f} s", flush=True)
-    extra = [*VLLM_DEFAULTS, "--dtype", args.dtype, *args.vllm_args]
+    # a scored window plus the one token a completion must generate
+    extra = ["--max-model-len", str(args.ppl_ctx + 1), *VLLM_DEFAULTS, "--dtype", args.dtype, *args.vllm_args]
     with vllm_server(ckpt, bits, args.act_bits, args.port, extra, log_dir / f"vllm-{name}.log") as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
         rows = []
@@ -265,8 +266,8 @@ def main() -> None:
     ap.add_argument("--min-identical", type=int, default=14,
                     help="prompts that must match for --tokens tokens (W{b}A16 only; default %(default)s)")
     ap.add_argument("--ppl-windows", type=int, default=16, help="held-out windows scored by both sides (default %(default)s)")
-    ap.add_argument("--ppl-ctx", type=int, default=1024, help="tokens per window, at most vLLM's --max-model-len "
-                    "(default %(default)s)")
+    ap.add_argument("--ppl-ctx", type=int, default=1024, help="tokens per window; vllm serve gets --max-model-len PPL_CTX + 1 "
+                    "(the window and the one token a completion generates; default %(default)s)")
     ap.add_argument("--ppl-tol", type=float, default=None,
                     help="largest allowed |vLLM perplexity / reference perplexity - 1| (default 0.03 for W{b}A16, "
                          "0.10 with --act-bits: see docs/VLLM.md)")
@@ -277,7 +278,8 @@ def main() -> None:
     ap.add_argument("--heldout", type=Path, default=HELDOUT)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "runs")) / "vllm-e2e.json")
     ap.add_argument("vllm_args", nargs=argparse.REMAINDER,
-                    help=f"after --: flags passed on to vllm serve (after the defaults {' '.join(VLLM_DEFAULTS)})")
+                    help=f"after --: flags passed on to vllm serve (after the defaults --max-model-len PPL_CTX + 1 "
+                         f"{' '.join(VLLM_DEFAULTS)})")
     args = ap.parse_args()
     args.vllm_args = [a for a in args.vllm_args if a != "--"]
     bits = [int(b) for b in args.bits.split(",")] if args.bits else sorted(read_quant_config(args.ckpt).trained_bits)
