@@ -1,4 +1,4 @@
-"""W{b}A{a} linear on int8 tensor cores (experimental; not yet timed on a GPU).
+"""W{b}A{a} linear on int8 tensor cores (experimental: on the H200 slower than the default path; docs/BENCHMARKS.md).
 
 The activations come as codes (``launch_actquant(..., write_codes=True)``: uint8 codes ``qx``,
 E4M3 bytes and integer zero points ``zx`` per token and 32-group), the weights in the packed

@@ -126,7 +126,7 @@ def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
 
 
 def mma8_config(m: int, n: int, kq: int, sms: int = 132) -> Config:
-    """Tiles of the int8 W{b}A{a} kernel by shape (a rule, not timed yet): BM from M, BN 128 from 64 tokens,
+    """Tiles of the int8 W{b}A{a} kernel by shape (a rule, not tuned): BM from M, BN 128 from 64 tokens,
     split-K up to about two programs per SM with at least 16 groups each."""
     bm = min(128, max(16, triton.next_power_of_2(m)))
     bn = 128 if bm >= 64 else 64
