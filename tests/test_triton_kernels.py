@@ -1,26 +1,17 @@
 """The Triton kernels on the CPU, under ``TRITON_INTERPRET=1``, against the reference ops (small shapes).
 
-The interpreter must be switched on before triton is imported, and other test modules import
-it normally, so this module re-runs itself in a subprocess with ``TRITON_INTERPRET=1``: in
-the parent it holds one test that starts that run; in the child it holds the kernel tests.
+The module re-runs itself in a subprocess with ``TRITON_INTERPRET=1`` (``tests/interpreted.py``):
+in the parent it holds one test that starts that run; in the child it holds the kernel tests.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from interpreted import INTERPRETED, rerun_interpreted
 
 if not INTERPRETED:
     def test_triton_kernels_under_the_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                             env=env, capture_output=True, text=True, timeout=900)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        rerun_interpreted(__file__, timeout=900)
 
 else:
     import numpy as np

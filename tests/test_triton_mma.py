@@ -1,26 +1,17 @@
 """The int8 tensor-core W{b}A{a} kernel (``kernels/triton_mma.py``) on the CPU under ``TRITON_INTERPRET=1``.
 
-As in ``tests/test_triton_kernels.py``, the module re-runs itself in a subprocess with the interpreter
-switched on (it must be set before triton is imported). Every case draws fresh random inputs, poisons
+The module re-runs itself in a subprocess with the interpreter switched on (``tests/interpreted.py``). Every case draws fresh random inputs, poisons
 the output with NaN and compares with ``reference.linear_wa`` in float64.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
-
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+from interpreted import INTERPRETED, rerun_interpreted
 
 if not INTERPRETED:
     def test_mma_kernel_under_the_interpreter():
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                             env=env, capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+        rerun_interpreted(__file__, timeout=600)
 
 else:
     import torch
