@@ -202,25 +202,38 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
                    S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                    BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, HAS_SPLIT: tl.constexpr,
                    EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                   UNROLL: tl.constexpr = 2):
+                   UNROLL: tl.constexpr = 2, STAGES: tl.constexpr = 0):
     """``y[:M] = x[:M] @ W^T`` for M <= BM (single-plane codes, 16-bit ``x``); grid (cdiv(N, BN), SPLIT_K).
 
     The arguments are :func:`kernels.triton_gemv.gemv_kernel`'s without ``R1, R2, magic, WIN``, and
     ``one`` (:data:`H2_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter);
     ``UNROLL`` (1 or 2) steps per loop iteration (a step past ``g_hi`` loads nothing and adds exactly 0).
+    ``STAGES > 0`` replaces the register double buffering by Triton's software pipeliner: one step per
+    iteration of ``tl.range(..., num_stages=STAGES)``, whose loads (all at least 32 bits per thread) then
+    go to shared memory through ``cp.async``, ``STAGES - 1`` steps ahead (``UNROLL`` is ignored).
     """
     tl.static_assert(P1 == 0 and (P0 == 2 or P0 == 4 or P0 == 8))
-    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, UNROLL * BG)  # splits of whole loop iterations
+    STEP: tl.constexpr = BG if STAGES > 0 else UNROLL * BG  # groups per loop iteration
+    cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, STEP)  # splits of whole loop iterations
     tok = tl.arange(0, BM)
     HALF: tl.constexpr = 16 // P0
     u = tl.arange(0, 16)  # pair u = r * HALF + t (word row r, slot t): column r * 2 HALF + t of the group (half 0)
     kk = (u // HALF) * (2 * HALF) + u % HALF
     zoff: tl.constexpr = ZOFF + (1 << (P0 - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
     acc = tl.zeros([BM, BN], tl.float32)
+    if STAGES > 0:
+        for g0 in tl.range(g_lo, g_hi, BG, num_stages=STAGES):
+            w, xl, xh, s, z = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cmask, cols4, M,
+                                       K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn, P0, BG, HALF,
+                                       HAS_SPLIT, EVEN_K)
+            acc = _h2_accumulate(acc, w, xl, xh, s, z, one, zoff, ZMUL, P0, BM, BG, ASM)
+        finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
+               tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
+        return
     w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4, M,
                                     K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn, P0, BG, HALF,
                                     HAS_SPLIT, EVEN_K)
-    for g0 in range(g_lo, g_hi, UNROLL * BG):
+    for g0 in range(g_lo, g_hi, STEP):
         if UNROLL == 2:  # step 2i + 2 loads into step 2i's registers while step 2i + 1 computes: no register copies
             w1, xl1, xh1, s1, z1 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols, cmask,
                                             cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,

@@ -1,18 +1,20 @@
 """A/B of the half2 GEMV (``kernels/triton_gemv_h2.py``) against the current GEMV and bf16 ``F.linear``.
 
-Half2 variants (``H2 variants`` below, each launched through the normal dispatch): ``gemv_h2`` (two
-steps per loop iteration, the kernel's default), ``gemv_h2_u1`` (one step per iteration) and, with
+Half2 variants (:func:`h2_variants`, each launched through the normal dispatch): ``gemv_h2`` (two
+steps per loop iteration, the kernel's default), ``gemv_h2_u1`` (one step per iteration), with
+``--stages S,...`` ``gemv_h2_p{S}`` (Triton's software pipeliner, ``S - 1`` steps in flight) and, with
 ``--prev MODULE``, ``gemv_h2_prev``: the ``gemv_h2_kernel`` of an earlier version of the file, e.g.
 ``git show 1e70e0c:kernels/triton_gemv_h2.py > kernels/h2_prev.py`` and ``--prev kernels.h2_prev``.
+The baseline, ``current``, is what the dispatch runs today for that shape (table or rule).
 
 One run on a CUDA GPU:
 
-1. Correctness of every half2 variant (and of the current ``gemv``, for comparison) on every shape, bit
-   width, M = 1, 2 and input dtype (bf16, fp16), with fresh random inputs, plain and with a few
+1. Correctness of every half2 variant (and of ``current``, for comparison) on every shape, bit
+   width, M (``--ms``, default 1, 2) and input dtype (bf16, fp16), with fresh random inputs, plain and with a few
    outlier channels at 1e4, into NaN-poisoned outputs, against the float64 reference op
    (``kernels.reference.linear_wa16``); ``rel_err = |out - ref| / |ref|`` must stay <= 1e-2.
 2. Timing as ``kernels.bench`` times (CUDA-graph replays over enough weight copies that L2 does
-   not help): bf16 ``F.linear``, the current GEMV (its table / default configuration) and a small
+   not help): bf16 ``F.linear``, ``current`` (its table / default configuration) and a small
    grid of configurations per half2 variant (every one also checked once against the reference).
 3. Optionally (``--sass``) the compiler report of both GEMV kernels (``kernels.bench.sass_report``).
 
@@ -53,19 +55,24 @@ OUTLIER = 1e4
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class Unrolled:
-    """Stands in for the half2 kernel in the dispatch, launching it with ``UNROLL`` steps per loop iteration."""
+class Variant:
+    """Stands in for the half2 kernel in the dispatch, launching it with extra constexprs (``UNROLL``, ``STAGES``)."""
 
-    def __init__(self, kernel, unroll: int) -> None:
-        self.kernel, self.unroll = kernel, unroll
+    def __init__(self, kernel, **consts) -> None:
+        self.kernel, self.consts = kernel, consts
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, UNROLL=self.unroll)
+        return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.consts)
 
 
-def h2_variants(prev: str | None) -> dict:
-    """Variant name -> the object the dispatch launches as ``gemv_h2_kernel`` for it."""
-    variants = {"gemv_h2": Unrolled(gemv_h2_kernel, 2), "gemv_h2_u1": Unrolled(gemv_h2_kernel, 1)}
+def h2_variants(prev: str | None, stages: list[int]) -> dict:
+    """Variant name -> the object the dispatch launches as ``gemv_h2_kernel`` for it.
+
+    ``gemv_h2`` (two steps per loop iteration, register double buffering), ``gemv_h2_u1`` (one), and
+    ``gemv_h2_p{S}`` for each S in ``stages`` (Triton's pipeliner, ``S - 1`` steps in flight through shared memory).
+    """
+    variants = {"gemv_h2": Variant(gemv_h2_kernel, UNROLL=2), "gemv_h2_u1": Variant(gemv_h2_kernel, UNROLL=1)}
+    variants.update({f"gemv_h2_p{s}": Variant(gemv_h2_kernel, UNROLL=1, STAGES=s) for s in stages})
     if prev:
         variants["gemv_h2_prev"] = importlib.import_module(prev).gemv_h2_kernel
     return variants
@@ -82,21 +89,27 @@ def launching(kernel):
         triton_ops.gemv_h2_kernel = saved
 
 
-def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool) -> list[Config]:
+def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool, pipelined: bool = False) -> list[Config]:
     """``gemv_h2`` configurations to time; the first is the one the correctness sweep uses.
 
     Tiles ``(BN, groups per step, warps)`` keep one column group of 4 words per thread
     (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the first H200
     A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split``, and twice that if ``wide``.
+    ``pipelined`` (the ``STAGES`` variants, whose loads cost no registers): also 4 groups per step at
+    M = 1, and half the split-K (longer programs fill the pipeline once for more steps).
     """
     if m == 1:
         tiles = [(512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 2, 4), (512, 1, 4)]
+        if pipelined:
+            tiles += [(256, 4, 2), (512, 4, 4)] if bits == 2 else [(256, 2, 2)]
     else:
         tiles = [(512, 2, 4), (512, 1, 4)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
     out = []
     for bn, bg, w in tiles:
         split = gemv_split(n, kq, bn, bg)
-        out += [Config("gemv_h2", m, bn, bg, split_k=s, num_warps=w) for s in ((split, 2 * split) if wide else (split,))]
+        splits = (split, 2 * split) if wide else (split,)
+        splits = tuple(dict.fromkeys(((max(split // 2, 1),) if pipelined else ()) + splits))
+        out += [Config("gemv_h2", m, bn, bg, split_k=s, num_warps=w) for s in splits]
     return out
 
 
@@ -130,7 +143,7 @@ def rel_err(layer: PackedLinear, x: torch.Tensor, cfg: Config | None) -> float:
 
 
 def check(layer: PackedLinear, k: int, n: int, m: int, dtype: str, outliers: bool, cfg: Config | None,
-          device: str, name: str = "gemv") -> dict:
+          device: str, name: str = "current") -> dict:
     """One correctness record of ``cfg`` (None: the current GEMV), run as the half2 variant ``name``."""
     x = make_input(m, k, DTYPES[dtype], outliers, device)
     rec = dict(K=k, N=n, M=m, bits=layer.bits, dtype=dtype, outliers=outliers, kernel=name)
@@ -141,16 +154,16 @@ def check(layer: PackedLinear, k: int, n: int, m: int, dtype: str, outliers: boo
     return dict(rec, err=err, ok=err <= MAX_ERR, config=None if cfg is None else cfg.__dict__)
 
 
-def correctness(k: int, n: int, bits: int, device: str, variants: dict) -> list[dict]:
+def correctness(k: int, n: int, bits: int, device: str, variants: dict, ms: list[int]) -> list[dict]:
     """The first ``gemv_h2`` configuration of every half2 variant and the current GEMV on every M, dtype and input."""
     layer = make_layer(k, n, bits, device)
     kq = layer.scales.shape[1] * 32
     recs = []
-    for m in (1, 2):
+    for m in ms:
         for dtype in DTYPES:
             for outliers in (False, True):
                 cfg = h2_grid(bits, m, n, kq, False)[0]
-                runs = [(name, cfg, kernel) for name, kernel in variants.items()] + [("gemv", None, gemv_h2_kernel)]
+                runs = [(name, cfg, kernel) for name, kernel in variants.items()] + [("current", None, gemv_h2_kernel)]
                 for name, c, kernel in runs:
                     with launching(kernel):
                         rec = check(layer, k, n, m, dtype, outliers, c, device, name)
@@ -162,15 +175,16 @@ def correctness(k: int, n: int, bits: int, device: str, variants: dict) -> list[
     return recs
 
 
-def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict) -> tuple[list[dict], list[dict]]:
-    """Time bf16, the current GEMV and every half2 variant's grid at M = 1, 2 (bf16 inputs); each config checked once."""
+def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict,
+           ms: list[int]) -> tuple[list[dict], list[dict]]:
+    """Time bf16, the current kernel and every half2 variant's grid at each M (bf16 inputs); each config checked once."""
     from kernels.bench import copies_for, graph_time_us, make_layers, packed_bytes, time_kernel
 
     layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
     w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(n * k * 2))]
     nbytes = packed_bytes(layers[0])
     recs, checks = [], []
-    for m in (1, 2):
+    for m in ms:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
         bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16])
@@ -188,10 +202,10 @@ def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict) -> 
             print(f"time  K={k:5d} N={n:5d} W{bits} M={m} {kernel:12s} {_cfg_str(cfg):24s} {shown}  "
                   f"(bf16 {bf16_us:.2f} us)", flush=True)
 
-        record("gemv", choose_config(bits, m, n, k), time_kernel(layers, x, None, None))
+        record("current", choose_config(bits, m, n, k), time_kernel(layers, x, None, None))
         for name, kernel in variants.items():
             with launching(kernel):
-                for cfg in h2_grid(bits, m, n, k, wide):
+                for cfg in h2_grid(bits, m, n, k, wide, pipelined="STAGES" in getattr(kernel, "consts", {})):
                     chk = check(layers[0], k, n, m, "bf16", False, cfg, "cuda", name)
                     checks.append(chk)
                     if not chk["ok"]:
@@ -212,13 +226,13 @@ def _cfg_str(cfg: Config) -> str:
 
 def table(recs: list[dict]) -> str:
     """Per shape, bits and M: bf16, the current GEMV and each half2 variant's best configuration (time and ratio)."""
-    names = list(dict.fromkeys(r["kernel"] for r in recs if r["kernel"] != "gemv"))
+    names = list(dict.fromkeys(r["kernel"] for r in recs if r["kernel"] != "current"))
     rows = ["| K x N | W | M | bf16 us | gemv us (x, bw) | " + " | ".join(f"{v} us (config) / gemv" for v in names) + " |",
             "|---|---|---|---|---|" + "---|" * len(names)]
     keys = dict.fromkeys((r["K"], r["N"], r["bits"], r["M"]) for r in recs)
     for k, n, bits, m in keys:
         here = [r for r in recs if (r["K"], r["N"], r["bits"], r["M"]) == (k, n, bits, m) and r["us"] is not None]
-        old = next((r for r in here if r["kernel"] == "gemv"), None)
+        old = next((r for r in here if r["kernel"] == "current"), None)
         cells = []
         for v in names:
             best = min((r for r in here if r["kernel"] == v), key=lambda r: r["us"], default=None)
@@ -241,6 +255,10 @@ def main() -> None:
     ap.add_argument("--sass", type=Path, help="write the compiler report of both GEMV kernels (JSON)")
     ap.add_argument("--prev", metavar="MODULE",
                     help="also time the gemv_h2_kernel of this module (an earlier kernel file), as gemv_h2_prev")
+    ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
+                    help="token counts (default 1,2; the half2 kernel holds M <= 4 tokens per program)")
+    ap.add_argument("--stages", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
+                    help="comma-separated pipeline depths: also time gemv_h2_p{S} (tl.range num_stages=S) for each")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
@@ -257,13 +275,13 @@ def main() -> None:
         bw = copy_bandwidth()
         info["copy_tbps"] = round(bw / 1e12, 3)
     print(info, flush=True)
-    variants = h2_variants(args.prev)
+    variants = h2_variants(args.prev, args.stages)
     result = dict(info=info, correctness=[], timing=[], timing_checks=[])
     for i, (k, n) in enumerate(shapes):
         for bits in args.bits:
-            result["correctness"] += correctness(k, n, bits, device, variants)
+            result["correctness"] += correctness(k, n, bits, device, variants, args.ms)
             if not smoke:
-                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw, variants)
+                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw, variants, args.ms)
                 result["timing"] += recs
                 result["timing_checks"] += checks
             args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -276,7 +294,7 @@ def main() -> None:
     result["seconds"] = round(time.monotonic() - t0, 1)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     failed = [r for r in result["correctness"] + result["timing_checks"] if not r["ok"]]
-    errs = [r["err"] for r in result["correctness"] if r["err"] is not None and r["kernel"] != "gemv"]
+    errs = [r["err"] for r in result["correctness"] if r["err"] is not None and r["kernel"] != "current"]
     if result["timing"]:
         print(table(result["timing"]))
     summary = f"max {max(errs):.2e}, median {sorted(errs)[len(errs) // 2]:.2e} over {len(errs)}" if errs else "no"
