@@ -1,8 +1,7 @@
 """A/B of the half2 GEMV (``kernels/triton_gemv_h2.py``) against the current GEMV and bf16 ``F.linear``.
 
 Half2 variants (:func:`h2_variants`, each launched through the normal dispatch): ``gemv_h2`` (two
-steps per loop iteration, the kernel's default), ``gemv_h2_u1`` (one step per iteration), with
-``--stages S,...`` ``gemv_h2_p{S}`` (Triton's software pipeliner, ``S - 1`` steps in flight) and, with
+steps per loop iteration, the kernel's default), ``gemv_h2_u1`` (one step per iteration) and, with
 ``--prev MODULE``, ``gemv_h2_prev``: the ``gemv_h2_kernel`` of an earlier version of the file, e.g.
 ``git show 1e70e0c:kernels/triton_gemv_h2.py > kernels/h2_prev.py`` and ``--prev kernels.h2_prev``.
 The baseline, ``current``, is what the dispatch runs today for that shape (table or rule).
@@ -56,7 +55,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Variant:
-    """Stands in for the half2 kernel in the dispatch, launching it with extra constexprs (``UNROLL``, ``STAGES``)."""
+    """Stands in for the half2 kernel in the dispatch, launching it with extra constexprs (``UNROLL``)."""
 
     def __init__(self, kernel, **consts) -> None:
         self.kernel, self.consts = kernel, consts
@@ -65,14 +64,9 @@ class Variant:
         return lambda *args, **kwargs: self.kernel[grid](*args, **kwargs, **self.consts)
 
 
-def h2_variants(prev: str | None, stages: list[int]) -> dict:
-    """Variant name -> the object the dispatch launches as ``gemv_h2_kernel`` for it.
-
-    ``gemv_h2`` (two steps per loop iteration, register double buffering), ``gemv_h2_u1`` (one), and
-    ``gemv_h2_p{S}`` for each S in ``stages`` (Triton's pipeliner, ``S - 1`` steps in flight through shared memory).
-    """
+def h2_variants(prev: str | None) -> dict:
+    """Variant name -> the object the dispatch launches as ``gemv_h2_kernel`` for it."""
     variants = {"gemv_h2": Variant(gemv_h2_kernel, UNROLL=2), "gemv_h2_u1": Variant(gemv_h2_kernel, UNROLL=1)}
-    variants.update({f"gemv_h2_p{s}": Variant(gemv_h2_kernel, UNROLL=1, STAGES=s) for s in stages})
     if prev:
         variants["gemv_h2_prev"] = importlib.import_module(prev).gemv_h2_kernel
     return variants
@@ -89,26 +83,27 @@ def launching(kernel):
         triton_ops.gemv_h2_kernel = saved
 
 
-def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool, pipelined: bool = False) -> list[Config]:
+def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool) -> list[Config]:
     """``gemv_h2`` configurations to time; the first is the one the correctness sweep uses.
 
-    Tiles ``(BN, groups per step, warps)`` keep one column group of 4 words per thread
-    (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the first H200
-    A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split``, and twice that if ``wide``.
-    ``pipelined`` (the ``STAGES`` variants, whose loads cost no registers): also 4 groups per step at
-    M = 1, and half the split-K (longer programs fill the pipeline once for more steps).
+    Tiles ``(BN, groups per step, warps)``: first two with one column group of 4 words per thread
+    (``BN = 128 * warps``), the two that won somewhere on the first H200 A/B
+    (docs/results/gemv-h2-ab-h200.json); then tiles with more warps than the columns fill, which
+    spread the extra warps over the step's groups (more, shorter threads for the same work). Split-K
+    from ``gemv_split``, and also half and (if ``wide``) twice that.
     """
     if m == 1:
         tiles = [(512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 2, 4), (512, 1, 4)]
-        if pipelined:
-            tiles += [(256, 4, 2), (512, 4, 4)] if bits == 2 else [(256, 2, 2)]
+        tiles += [(128, 2, 2), (128, 4, 4), (256, 4, 8), (128, 8, 8)]
     else:
         tiles = [(512, 2, 4), (512, 1, 4)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
+        tiles += [(128, 2, 2), (256, 2, 4), (128, 4, 4)]
     out = []
-    for bn, bg, w in tiles:
+    for i, (bn, bg, w) in enumerate(tiles):
         split = gemv_split(n, kq, bn, bg)
         splits = (split, 2 * split) if wide else (split,)
-        splits = tuple(dict.fromkeys(((max(split // 2, 1),) if pipelined else ()) + splits))
+        if i >= 2:
+            splits = (max(split // 2, 1),) + splits
         out += [Config("gemv_h2", m, bn, bg, split_k=s, num_warps=w) for s in splits]
     return out
 
@@ -205,7 +200,7 @@ def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict,
         record("current", choose_config(bits, m, n, k), time_kernel(layers, x, None, None))
         for name, kernel in variants.items():
             with launching(kernel):
-                for cfg in h2_grid(bits, m, n, k, wide, pipelined="STAGES" in getattr(kernel, "consts", {})):
+                for cfg in h2_grid(bits, m, n, k, wide):
                     chk = check(layers[0], k, n, m, "bf16", False, cfg, "cuda", name)
                     checks.append(chk)
                     if not chk["ok"]:
@@ -257,8 +252,6 @@ def main() -> None:
                     help="also time the gemv_h2_kernel of this module (an earlier kernel file), as gemv_h2_prev")
     ap.add_argument("--ms", type=lambda s: [int(v) for v in s.split(",")], default=[1, 2],
                     help="token counts (default 1,2; the half2 kernel holds M <= 4 tokens per program)")
-    ap.add_argument("--stages", type=lambda s: [int(v) for v in s.split(",") if v], default=[],
-                    help="comma-separated pipeline depths: also time gemv_h2_p{S} (tl.range num_stages=S) for each")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
@@ -275,7 +268,7 @@ def main() -> None:
         bw = copy_bandwidth()
         info["copy_tbps"] = round(bw / 1e12, 3)
     print(info, flush=True)
-    variants = h2_variants(args.prev, args.stages)
+    variants = h2_variants(args.prev)
     result = dict(info=info, correctness=[], timing=[], timing_checks=[])
     for i, (k, n) in enumerate(shapes):
         for bits in args.bits:
