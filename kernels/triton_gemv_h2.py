@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish
-from .triton_gemv import _pick, _program_tile, _sz_bytes, _x_tile
+from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 
 ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX on the GPU, plain-op twins under the interpreter
 H2_BITS = (2, 4, 8)  # single-plane widths
@@ -145,14 +145,14 @@ def _x_pairs(xlo, xhi, P: tl.constexpr):
 def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
     """``[BM, BG, BN]`` float32: per token, group and column, ``sum_k (q_k - C) x_k 2^e`` over the group's codes.
 
-    ``words [1, P, BG, BN]`` (uint32, word row r of each group; :func:`_load_words`), ``xr [BM, P, BG, SLOTS / 2]``
+    ``words [1, BG, P, BN]`` (uint32, word row r of each group), ``xr [BM, BG, P, SLOTS / 2]``
     half2 activation pairs of :func:`_x_pairs` (pair t of row r: columns ``r SLOTS + t`` and
     ``r SLOTS + t + SLOTS / 2``), ``one`` the half2 (1024, 1024) bits (a run-time value, so that
     the LOP3 takes the mask as its immediate).
     """
     HALF: tl.constexpr = 16 // P  # code pairs per word
     PER_BYTE: tl.constexpr = 8 // P
-    acc = tl.zeros([xr.shape[0], P, words.shape[2], words.shape[3]], tl.uint32)
+    acc = tl.zeros([xr.shape[0], words.shape[1], P, words.shape[3]], tl.uint32)
     for t in tl.static_range(HALF):
         j = t % PER_BYTE
         mask = (((1 << P) - 1) << (P * j)) * 0x10001
@@ -162,24 +162,10 @@ def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
                   ASM)
         acc = hfma2(q, _pick(xr, t, HALF)[:, :, :, None], acc, ASM)
     if ASM:
-        acc = tl.reduce(acc, 1, _hadd2_asm)
+        acc = tl.reduce(acc, 2, _hadd2_asm)
     else:
-        acc = tl.reduce(acc, 1, _hadd2_plain)
+        acc = tl.reduce(acc, 2, _hadd2_plain)
     return _h2_sum(acc, ASM)
-
-
-@triton.jit
-def _load_words(w_ptr, stride_ww, stride_wn, g0, g_hi, cols, cmask, P: tl.constexpr, BG: tl.constexpr):
-    """Packed words ``[1, P, BG, BN]`` (uint32) of groups ``g0 .. g0 + BG``.
-
-    A group's word rows are on axis 1 and the groups on axis 2, so that a program with more warps than
-    its columns fill (``num_warps > BN / 128``) spreads them over the groups (the axis after the
-    columns), never over a group's rows: each group's sum stays within one thread.
-    """
-    g = g0 + tl.arange(0, BG)[None, None, :, None]
-    r = tl.arange(0, P)[None, :, None, None]
-    ptrs = w_ptr + (g * P + r) * stride_ww + cols[None, None, None, :] * stride_wn
-    return tl.load(ptrs, mask=(g < g_hi) & cmask[None, None, None, :], other=0).to(tl.uint32, bitcast=True)
 
 
 @triton.jit
@@ -189,7 +175,7 @@ def _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cma
     """The step at group ``g0`` as loaded: words, the two halves of the activation pairs (columns ``kk`` and
     ``kk + HALF``), scale and zero bytes."""
     gs = g0 + tl.arange(0, BG)
-    words = _load_words(w_ptr, stride_ww, stride_wn, g0, g_hi, cols, cmask, P0, BG)
+    words = _load_rows(w_ptr, stride_ww, stride_wn, 0, g0, g_hi, cols, cmask, P0, BG)
     xlo = _x_tile(x_ptr, stride_xm, tok, gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K, kk)
     xhi = _x_tile(x_ptr, stride_xm, tok, gs, g_hi, M, K, Kp, Kq, split_ptr, HAS_SPLIT, EVEN_K, kk + HALF)
     sbytes, zbytes = _sz_bytes(s_ptr, z_ptr, gs, g_hi, cols4, cmask, stride_sg, stride_sn)
@@ -199,15 +185,14 @@ def _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cma
 @triton.jit
 def _h2_accumulate(acc, words, xlo, xhi, sbytes, zbytes, one, zoff: tl.constexpr, ZMUL: tl.constexpr, P: tl.constexpr,
                    BM: tl.constexpr, BG: tl.constexpr, ASM: tl.constexpr):
-    """``acc [BM, BG, BN]`` plus one step's ``scale (sum_k (q_k - zero) x_k)`` per group (operands as :func:`_h2_step`
-    loads them; the sum over the groups waits for the end of the loop, as the groups may be spread over warps)."""
+    """``acc [BM, BN]`` plus one step's ``sum_g scale (sum_k (q_k - zero) x_k)`` (operands as :func:`_h2_step` loads them)."""
     HALF: tl.constexpr = 16 // P
     c = tl.sum(e4m3_scaled(sbytes), axis=2)  # [1, BG, BN] (a sum over the size-1 axis: the words' layout)
     zc = tl.sum(zbytes.to(tl.float32), axis=2) * ZMUL - zoff * ZMUL  # one FFMA, exact
     pairs, xsum, down = _x_pairs(xlo, xhi, P)
     pairs = tl.sum(pairs[:, :, :, None], axis=3)  # broadcast after the packing (see triton_gemv)
-    d = _group_dots(words, tl.permute(tl.reshape(pairs, (BM, BG, P, HALF)), (0, 2, 1, 3)), one, P, ASM)
-    return acc + (c * down[:, :, None]) * (d - zc * xsum[:, :, None])
+    d = _group_dots(words, tl.reshape(pairs, (BM, BG, P, HALF)), one, P, ASM)
+    return acc + tl.sum((c * down[:, :, None]) * (d - zc * xsum[:, :, None]), axis=1)
 
 
 @triton.jit
@@ -231,7 +216,7 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
     u = tl.arange(0, 16)  # pair u = r * HALF + t (word row r, slot t): column r * 2 HALF + t of the group (half 0)
     kk = (u // HALF) * (2 * HALF) + u % HALF
     zoff: tl.constexpr = ZOFF + (1 << (P0 - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
-    acc = tl.zeros([BM, BG, BN], tl.float32)
+    acc = tl.zeros([BM, BN], tl.float32)
     w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4, M,
                                     K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn, P0, BG, HALF,
                                     HAS_SPLIT, EVEN_K)
@@ -251,5 +236,5 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
                                             cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
                                             P0, BG, HALF, HAS_SPLIT, EVEN_K)
             acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM)
-    finish(tl.sum(acc, axis=1), tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
+    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
            tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

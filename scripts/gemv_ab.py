@@ -86,25 +86,19 @@ def launching(kernel):
 def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool) -> list[Config]:
     """``gemv_h2`` configurations to time; the first is the one the correctness sweep uses.
 
-    Tiles ``(BN, groups per step, warps)``: first two with one column group of 4 words per thread
-    (``BN = 128 * warps``), the two that won somewhere on the first H200 A/B
-    (docs/results/gemv-h2-ab-h200.json); then tiles with more warps than the columns fill, which
-    spread the extra warps over the step's groups (more, shorter threads for the same work). Split-K
-    from ``gemv_split``, and also half and (if ``wide``) twice that.
+    Tiles ``(BN, groups per step, warps)`` keep one column group of 4 words per thread
+    (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the first H200
+    A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split``, and twice that if ``wide``.
+    (Tiles with more warps than their columns fill lost everywhere: docs/results/gemv-h2-ab4-h200.json.)
     """
     if m == 1:
         tiles = [(512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 2, 4), (512, 1, 4)]
-        tiles += [(128, 2, 2), (128, 4, 4), (256, 4, 8), (128, 8, 8)]
     else:
         tiles = [(512, 2, 4), (512, 1, 4)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
-        tiles += [(128, 2, 2), (256, 2, 4), (128, 4, 4)]
     out = []
-    for i, (bn, bg, w) in enumerate(tiles):
+    for bn, bg, w in tiles:
         split = gemv_split(n, kq, bn, bg)
-        splits = (split, 2 * split) if wide else (split,)
-        if i >= 2:
-            splits = (max(split // 2, 1),) + splits
-        out += [Config("gemv_h2", m, bn, bg, split_k=s, num_warps=w) for s in splits]
+        out += [Config("gemv_h2", m, bn, bg, split_k=s, num_warps=w) for s in ((split, 2 * split) if wide else (split,))]
     return out
 
 
