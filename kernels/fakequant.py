@@ -11,9 +11,10 @@ layer (the split layout is an identity in float, so it equals the unsplit layer)
 The forward pass also traces under ``torch.compile`` (QAT's compiled training step): there the master
 codes are recomputed inside the graph instead of read from the eager cache, and the format's
 data-dependent input checks are skipped (:func:`kernels.e4m3.value_checks`), so the graph has no
-host syncs and no breaks. Inductor's Triton code divides approximately (fp32 ``x / y``), so on a GPU a
-rounding at a near-tie (a master code, a group's zero point) may go the other way than in the exported
-codes; the compiled weight then differs there by whole master steps (tests/test_qat_compile.py).
+host syncs and no breaks (and after :meth:`FakeQuantLinear.mark_split_dynamic`, one graph serves every
+split width). Inductor's Triton code divides approximately (fp32 ``x / y``), so on a GPU a rounding at a
+near-tie (a master code, a group's zero point) may go the other way than in the exported codes; the
+compiled weight then differs there by whole master steps (tests/test_qat_compile.py).
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ class FakeQuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float().clone())
         self.register_buffer("split_index", split_index.to(torch.int32).to(w.device))
         self._split_index_cpu = split_index.to(torch.int32).cpu()  # the format code's checks read it on the host
+        # no data, only a length (split groups + 1) for torch.compile: see mark_split_dynamic; not saved
+        self.register_buffer("split_groups", torch.empty(split_index.numel() // group_size + 1, 0, device=w.device),
+                             persistent=False)
         self.bits: int | None = None
         self.act_bits: int | None = None
         self._cache: tuple[int, torch.Tensor, QuantizedWeight] | None = None
@@ -87,11 +91,31 @@ class FakeQuantLinear(nn.Module):
                                          self.group_size, self.master_bits)
         return self.quantized()
 
+    def mark_split_dynamic(self) -> None:
+        """Let torch.compile trace this layer once for any split width (blocks split different numbers of channels)
+        instead of once per width: the dimensions the width sets become symbolic.
+
+        The traced width is ``group_size * (len(split_groups) - 1)`` (:meth:`_split_width_checks`), so every size
+        in the graph is linear in one whole-group count; written in ``split_index``'s own length (not known to be
+        a multiple of the group size) the groups' floor divisions do not simplify and tracing a block is about 20x
+        slower. The +1 keeps one split group from being a size 1, which dynamo always specializes. The weight's
+        dimension follows only with ``torch._dynamo.config.force_parameter_static_shapes = False``."""
+        for t, dim in ((self.split_groups, 0), (self.split_index, 0), (self.weight, 1)):
+            torch._dynamo.maybe_mark_dynamic(t, dim)
+
+    def _split_width_checks(self) -> None:
+        """While tracing: the split width and ``Kq`` in terms of ``split_groups``' length (trivial when static)."""
+        torch._check(self.split_index.shape[0] == self.group_size * (self.split_groups.shape[0] - 1))
+        kp = padded_width(self.in_features, self.group_size)
+        torch._check(self.weight.shape[1] == kp + self.split_index.shape[0])
+
     def float_weight(self) -> torch.Tensor:
         """The unsplit float weight ``[N, K]`` (split columns folded back)."""
         return fold_split(self.weight.detach(), self.split_index, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            self._split_width_checks()
         idx = self.split_index if self.split_index.numel() else None
         xe = expand_input(x, idx, self.group_size)
         if self.act_bits is not None and self.act_bits < 16:

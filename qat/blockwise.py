@@ -144,15 +144,26 @@ def target_loss(student: nn.Module, x: torch.Tensor, y: torch.Tensor, kwargs: Ma
 
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, Mapping, bool], torch.Tensor]
-# Graphs one compiled target_loss may hold: one per target (bits are Python ints the graph specialises on)
-# per block shape (split widths differ between blocks; after the first change torch marks them dynamic).
+# Graphs one compiled target_loss may hold: one per target (bits are Python ints the graph specialises on), the
+# split widths symbolic (:func:`dynamic_split_widths`); a layer with no split channels takes another branch,
+# so a block with unsplit layers adds a graph per target. The limit leaves room for that and the unforeseen.
 RECOMPILE_LIMIT = 64
+# Dynamo settings of the compiled training step: parameter shapes may be symbolic (the split weights' Kq).
+COMPILE_CONFIG = {"recompile_limit": RECOMPILE_LIMIT, "force_parameter_static_shapes": False}
 
 
 def compiled(fn: LossFn, backend: str = "inductor", mode: str | None = None) -> LossFn:
     """``fn`` under torch.compile: the per-target forward and its backward become a few fused kernels
     instead of hundreds of small eager ops (the eager step is launch-bound on a GPU)."""
     return torch.compile(fn, backend=backend, mode=mode)
+
+
+def dynamic_split_widths(student: nn.Module) -> None:
+    """Mark every linear's split width symbolic before the compiled step first sees ``student``: each block
+    splits a different number of channels, and with static widths every target's graph recompiled at each block
+    whose widths changed (19 recompiles in a paper-sized run, doubling those blocks' time)."""
+    for lin in fake_quant_linears(student).values():
+        lin.mark_split_dynamic()
 
 
 def backward_targets(loss_fn: LossFn, student: nn.Module, stage: list[Target], weights: Mapping[Target, float],
@@ -169,7 +180,7 @@ def backward_targets(loss_fn: LossFn, student: nn.Module, stage: list[Target], w
     return losses
 
 
-@torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+@torch._dynamo.config.patch(**COMPILE_CONFIG)
 def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targets_out: torch.Tensor,
                 n_train: int, kwargs: Mapping, recipe: Recipe, block: int, n_blocks: int, autocast: bool
                 ) -> dict:
@@ -177,7 +188,10 @@ def train_block(student: nn.Module, inputs: Mapping[Target, torch.Tensor], targe
 
     With ``recipe.compile`` the per-target loss and its backward run under torch.compile (same math).
     """
-    loss_fn = compiled(target_loss) if recipe.compile else target_loss
+    loss_fn = target_loss
+    if recipe.compile:
+        loss_fn = compiled(target_loss)
+        dynamic_split_widths(student)
     weights = {t: recipe.loss_weight(t) for t in recipe.targets()}
     params = [lin.weight for lin in fake_quant_linears(student).values()]
     for p in params:

@@ -152,8 +152,8 @@ def run(recipe: Recipe, command: str = "") -> RunSummary:
     check_model_source(recipe.model)
     log.info(f"run directory {run_dir}; recipe in {run_dir / 'recipe.json'}")
     if recipe.compile and recipe.trained:
-        log.info("block training runs under torch.compile: the first step at each new target (and block shape) "
-                 "compiles, which takes a while; --no-compile runs it eagerly")
+        log.info("block training runs under torch.compile: the first step at each target compiles (once for all "
+                 "blocks' split widths), which takes a while; --no-compile runs it eagerly")
     teacher, tokenizer = load_teacher(recipe.model, device, torch.bfloat16 if autocast else torch.float32)
     train_ids, val_ids = calibration_sequences(recipe, tokenizer)
     if device.type == "cuda":

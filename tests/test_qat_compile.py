@@ -19,7 +19,7 @@ from kernels.fakequant import FakeQuantLinear
 from kernels.grid import MASTER_BITS
 from kernels.split import split_region_index
 from qat.blocks import capture_layer0_inputs, fake_quant_linears, make_student, run_block_batched
-from qat.blockwise import backward_targets, compiled, target_loss
+from qat.blockwise import COMPILE_CONFIG, backward_targets, compiled, dynamic_split_widths, target_loss
 from qat.models import SHARED_INPUT_GROUPS
 from qat.recipe import Target
 from qat.run import main, parse_args, resolve_compile
@@ -102,6 +102,38 @@ def test_compiled_training_steps_match_eager_in_one_graph_per_target() -> None:
     assert torch.allclose(losses, eager_losses, rtol=1e-5, atol=1e-9)
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(weights, eager_weights))
     assert not torch.equal(losses[0], losses[-1])  # the weights did move
+
+
+# Split channels of each shared-input group (q/k/v, o_proj, gate/up, down_proj: K = 64, 64, 64, 96) in three
+# blocks: split regions of 1 to 3 groups, every layer's width changing from block to block.
+BLOCK_SPLIT_CHANNELS = ((2, 40, 20, 70), (40, 20, 64, 2), (20, 64, 2, 40))
+
+
+def test_compiled_step_traces_each_target_once_for_every_split_width() -> None:
+    """Blocks split different numbers of channels; with the widths symbolic (set up as train_block does), each
+    target's graph is traced once for all blocks (static widths retraced it at every block), and the losses and
+    gradients are eager's. The "eager" backend (dynamo's graphs only) keeps it fast: symbolic shapes trace slower
+    (aot_eager and CPU inductor give the same count)."""
+    torch._dynamo.reset()
+    block, _, x, y, kwargs = _block_and_data()
+    counter = CompileCounterWithBackend("eager")
+    loss_fn, weights, idx = compiled(target_loss, backend=counter), {STAGE[0]: 3.0, STAGE[1]: 1.0}, torch.tensor([2, 0])
+    for channels in BLOCK_SPLIT_CHANNELS:
+        splits = {name: split_region_index(range(n), block.get_submodule(group[0]).in_features, 32)
+                  for group, n in zip(SHARED_INPUT_GROUPS, channels) for name in group}
+        results = []
+        for fn in (target_loss, loss_fn):
+            student = make_student(block, splits, 2, 32, 8)
+            params = [lin.weight.requires_grad_(True) for lin in fake_quant_linears(student).values()]
+            if fn is loss_fn:
+                dynamic_split_widths(student)
+            with torch._dynamo.config.patch(**COMPILE_CONFIG):
+                losses = backward_targets(fn, student, STAGE, weights, {t: x for t in STAGE}, y, idx, kwargs, False)
+            results.append((torch.stack(losses), [p.grad for p in params]))
+        (eager_losses, eager_grads), (losses, grads) = results
+        assert torch.allclose(losses, eager_losses, rtol=1e-5, atol=1e-9)
+        assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads, eager_grads))
+    assert counter.frame_count == len(STAGE)
 
 
 def test_compiled_fake_weight_moves_only_at_near_ties(monkeypatch: pytest.MonkeyPatch) -> None:
