@@ -83,8 +83,8 @@ def linear(x: torch.Tensor, layer: PackedLinear, act_bits: int | None = None,
             return ops.linear(x, *args, layer.split_index, None, bias, layer.bits, layer.master_bits,
                               layer.in_features, x.dtype)
         check_bits(act_bits)
-        xq, token_scale = ops.quantize_act(x, layer.split_index, act_bits)
-        return ops.linear(xq, *args, None, token_scale, bias, layer.bits, layer.master_bits, xq.shape[-1], x.dtype)
+        return ops.linear_wa(x, *args, layer.split_index, bias, layer.bits, layer.master_bits, act_bits, x.dtype,
+                             "auto")
     qw = layer.to_quantized_weight()
     if not quantize_input:
         return linear_wa16(x, qw, layer.bits, bias=bias)

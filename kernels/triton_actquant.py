@@ -9,8 +9,10 @@ scales and zeros are bit-identical to the reference.
 
 It writes what the linear kernels read: ``xq = (code - zero) * e4m3 * 2^-a`` in fp16 (exact for
 a <= 7: at most 11 significant bits) and ``token_scale * 2^a``, so ``xq * token_scale`` is the
-dequantized activation and the weight kernels run unchanged on ``xq``. Optionally it also
-writes the codes, E4M3 bytes and zeros (the format's :class:`QuantizedActivations`).
+dequantized activation and the weight kernels run unchanged on ``xq``. With ``DEQUANT`` it writes
+the dequantized activation ``(code - zero) * step`` itself, in the output's dtype (what cuBLAS
+reads on the dense path of many tokens: no separate scaling pass). Optionally it also writes the
+codes, E4M3 bytes and zeros (the format's :class:`QuantizedActivations`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX: tl.constexpr, 
 
 @triton.jit
 def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
-                    QMAX: tl.constexpr, XQ_MUL: tl.constexpr, WRITE_CODES: tl.constexpr):
-    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (and codes)."""
+                    QMAX: tl.constexpr, XQ_MUL: tl.constexpr, WRITE_CODES: tl.constexpr, DEQUANT: tl.constexpr):
+    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (or the
+    dequantized values, ``DEQUANT``) and optionally the codes."""
     BG: tl.constexpr = x.shape[0]
     ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
     byte = e4m3_round_up(ratio)
@@ -69,7 +72,7 @@ def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_pt
     q = x * r
     q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
     code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
-    xq = (code - zero[:, None]) * (e4m3 * XQ_MUL)[:, None]
+    xq = (code - zero[:, None]) * (step if DEQUANT else e4m3 * XQ_MUL)[:, None]
     kmask = k < Kq
     tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
     if WRITE_CODES:
@@ -90,11 +93,13 @@ def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
 @triton.jit
 def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
                     stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
-                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr):
+                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                    DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1):
     """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
 
     The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
-    stays in registers and there is one pass. ``x / step`` per element is one reciprocal per
+    stays in registers and there is one pass. ``STAGES`` > 1 software-pipelines the chunk loops'
+    loads (``tl.range(num_stages=...)``). ``x / step`` per element is one reciprocal per
     group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
     rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
     """
@@ -105,14 +110,14 @@ def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zer
         x, k, lo, raw = _chunk(x_ptr, stride_xm, m, gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
         ts = _token_scale(tl.where(gg < G, raw, 0.0), ts_ptr, m, XQ_MUL)
         _quantize_chunk(x, k, gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm, QMAX,
-                        XQ_MUL, WRITE_CODES)
+                        XQ_MUL, WRITE_CODES, DEQUANT)
     else:
         rmax = tl.zeros([BG], tl.float32)
-        for g0 in range(0, G, BG):
+        for g0 in tl.range(0, G, BG, num_stages=STAGES):
             _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
         ts = _token_scale(rmax, ts_ptr, m, XQ_MUL)
-        for g0 in range(0, G, BG):
+        for g0 in tl.range(0, G, BG, num_stages=STAGES):
             x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             _quantize_chunk(x, k, g0 + gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
-                            stride_qm, QMAX, XQ_MUL, WRITE_CODES)
+                            stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)

@@ -38,7 +38,6 @@ from .triton_mma import mma_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
-ACTQUANT_GROUPS = 32  # groups per chunk of the activation-quantization kernel for many rows (1024 values)
 ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chunk per row)
 
 
@@ -240,29 +239,56 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
     return torch.addmm(bias.to(y.dtype), xe, w.T, out=y)
 
 
-def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int,
-                    write_codes: bool = False) -> tuple[torch.Tensor, ...]:
-    """Quantize ``x [M, K]`` per token: ``(xq fp16 [M, Kq], token_scale fp32 [M])`` (+ codes, E4M3 bytes, zeros)."""
+@dataclass(frozen=True)
+class ActQuantTile:
+    """A launch of the activation-quantization kernel: ``groups`` per chunk (one chunk covering the row is one
+    pass over it, fewer are two), ``warps``, and ``stages`` of software pipelining of the chunk loops."""
+
+    groups: int
+    warps: int
+    stages: int = 1
+
+
+def actquant_tile(m: int, groups: int) -> ActQuantTile:
+    """The activation-quantization launch for ``m`` rows of ``groups`` groups (measured on the H200,
+    ``scripts/actquant_ab.py``, docs/results/actquant-ab-h200.json).
+
+    Few tokens (decode), or rows of a power-of-two number of groups: one chunk per row (one pass,
+    up to 16 warps; 73-74 % of copy bandwidth at M = 4096). Many tokens on other widths: two passes
+    over chunks of 64 groups where they tile the row exactly, else 128, with 8 warps (47-53 % at
+    M = 1024 and 55-62 % at M = 4096 on K = 11008, 14336, 28672, against 41-45 % and 53-55 % for
+    the former 32-group chunks with 4 warps; a row padded to a power of two in one chunk: 26-52 %).
+    """
+    one = triton.next_power_of_2(groups)
+    if m < ACTQUANT_MANY_ROWS or groups == one:
+        return ActQuantTile(one, min(16, max(4, one // 32)))
+    return ActQuantTile(64 if groups % 128 and not groups % 64 else 128, 8)
+
+
+def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int, write_codes: bool = False,
+                    dequant_dtype: torch.dtype | None = None, tile: ActQuantTile | None = None) -> tuple[torch.Tensor, ...]:
+    """Quantize ``x [M, K]`` per token: ``(xq fp16 [M, Kq], token_scale fp32 [M])`` (+ codes, E4M3 bytes, zeros).
+
+    With ``dequant_dtype`` the first output is the dequantized activations ``(code - zero) * step`` in that
+    dtype instead of ``xq`` (the token scale is still returned, times ``2^a`` as always). ``tile`` overrides
+    :func:`actquant_tile` (benchmarks).
+    """
     m, k = x.shape
     kp = padded_width(k, GROUP_SIZE)
     kq = kp + (0 if split_index is None else split_index.numel())
     has_split = split_index is not None and split_index.numel() > 0
-    xq = torch.empty(m, kq, dtype=torch.float16, device=x.device)
+    xq = torch.empty(m, kq, dtype=dequant_dtype or torch.float16, device=x.device)
     ts = torch.empty(m, dtype=torch.float32, device=x.device)
     extra = ((torch.empty(m, kq, dtype=torch.uint8, device=x.device),
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device),
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device)) if write_codes else ())
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
-        # few tokens (decode), or rows of a power-of-two number of groups: one chunk per row (one pass, up
-        # to 16 warps); many tokens on other widths: 1024-value chunks, two passes, 4 warps (the H200
-        # measured 56 % of copy bandwidth for one chunk at Kq = 8192, M = 1024, and 46 % for chunks)
-        g = kq // GROUP_SIZE
-        bg = triton.next_power_of_2(g) if m < ACTQUANT_MANY_ROWS or g & (g - 1) == 0 else ACTQUANT_GROUPS
+        tile = tile or actquant_tile(m, kq // GROUP_SIZE)
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
-                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=bg,
-                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=bg * GROUP_SIZE >= kq,
-                              num_warps=min(16, max(4, bg // 32)))
+                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
+                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,
+                              DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps)
     return (xq, ts, *extra)
 
 
@@ -283,6 +309,10 @@ def launch_linear_wa(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     if cfg.kernel != "mma8":
         if not rescale:
             raise ValueError("rescale=False is a timing switch of the mma8 kernel only")
+        if cfg.kernel == "dense":  # cuBLAS reads the dequantized activations, written by the quantizer itself
+            xd, _ = launch_actquant(x, split_index, act_bits, dequant_dtype=out_dtype)
+            return launch_linear(xd, packed, scales, zeros, row_scale, None, None, bias, bits, master_bits, kq,
+                                 out_dtype, cfg, out)
         xq, ts = launch_actquant(x, split_index, act_bits)
         return launch_linear(xq, packed, scales, zeros, row_scale, None, ts, bias, bits, master_bits, kq, out_dtype,
                              config, out)

@@ -26,7 +26,7 @@ else:
     from kernels.split import quantize_split_weight, split_region_index
     from kernels import triton_ops
     from kernels.bench import candidates
-    from kernels.triton_ops import Config, launch_actquant, launch_linear
+    from kernels.triton_ops import ActQuantTile, Config, launch_actquant, launch_linear, launch_linear_wa
 
     _dot = interpreter.InterpreterBuilder.create_dot
 
@@ -84,17 +84,24 @@ else:
             xs = x[:1] if cfg.kernel == "gemv" else x
             assert rel_err(run(xs, rowmajor, cfg, torch.float32), ref[: xs.shape[0]]) < 1e-5
 
-    @pytest.mark.parametrize("act_bits", [2, 3, 4, 8])
-    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    def test_actquant_is_bit_exact(act_bits, dtype):
-        g = torch.Generator().manual_seed(act_bits)
+    def hard_activations(seed: int, dtype: torch.dtype) -> torch.Tensor:
+        g = torch.Generator().manual_seed(seed)
         x = torch.randn(5, K, generator=g) * 10 * torch.rand(5, 1, generator=g)
         x[1] = 0.0  # all-zero token
         x[2, 30:64] = 0.0  # all-zero group
         x[3] *= 1e-6
-        x = x.to(dtype)
+        return x.to(dtype)
+
+    # the default launch (one chunk per row here) and chunks of one group, two passes, pipelined loops
+    ACTQUANT_TILES = [None, ActQuantTile(1, 4, stages=2)]
+
+    @pytest.mark.parametrize("act_bits", [2, 3, 4, 8])
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("tile", ACTQUANT_TILES)
+    def test_actquant_is_bit_exact(act_bits, dtype, tile):
+        x = hard_activations(act_bits, dtype)
         idx = split_region_index(SPLITS, K, 32)
-        xq, ts, codes, scales, zeros = launch_actquant(x, idx, act_bits, write_codes=True)
+        xq, ts, codes, scales, zeros = launch_actquant(x, idx, act_bits, write_codes=True, tile=tile)
         ref = quantize_activations(x, act_bits, idx)
         assert torch.equal(codes, ref.codes)
         assert torch.equal(scales, ref.scales.view(torch.uint8))
@@ -102,6 +109,19 @@ else:
         assert torch.equal(ts * 2.0**-act_bits, ref.token_scale)
         deq = dequantize_activations(ref, torch.float64)
         assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
+
+    @pytest.mark.parametrize("tile", ACTQUANT_TILES)
+    def test_actquant_writes_dequantized_activations(tile):
+        """``dequant_dtype``: the format's dequantized activations, exactly in fp32 (in bf16 up to the
+        interpreter's truncating conversion)."""
+        idx = split_region_index(SPLITS, K, 32)
+        x = hard_activations(9, torch.bfloat16)
+        ref = dequantize_activations(quantize_activations(x, 2, idx), torch.float32)
+        xd, ts = launch_actquant(x, idx, 2, dequant_dtype=torch.float32, tile=tile)
+        assert xd.dtype == torch.float32 and torch.equal(xd, ref)
+        assert torch.equal(ts * 0.25, quantize_activations(x, 2, idx).token_scale)
+        xd, _ = launch_actquant(x, idx, 2, dequant_dtype=torch.bfloat16, tile=tile)
+        assert xd.dtype == torch.bfloat16 and torch.allclose(xd.float(), ref, rtol=2**-7, atol=0)
 
     @pytest.mark.parametrize("bits, act_bits", [(2, 2), (4, 4), (3, 8)])
     @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (6, Config("gemm", 16, 16, 32, split_k=2))])
@@ -140,7 +160,12 @@ else:
         xq, ts = launch_actquant(x, lay.split_index, 4)
         out = run(xq, lay, Config("dense", 0, 16, 32), torch.float16, token_scale=ts, split=False,
                   in_features=xq.shape[1])
-        assert rel_err(out, linear_wa(x.double(), lay.to_quantized_weight(), bits, 4)) < TOL[torch.float16]
+        ref = linear_wa(x.double(), lay.to_quantized_weight(), bits, 4, bias=bias.double())
+        assert rel_err(out + bias, ref) < TOL[torch.float16]
+        # W{b}A{a} in one call: the quantizer writes dequantized activations for cuBLAS
+        out = launch_linear_wa(x, lay.packed, lay.scales, lay.zeros, lay.row_scale, lay.split_index, bias, bits,
+                               lay.master_bits, 4, torch.float16, Config("dense", 0, 16, 32))
+        assert rel_err(out, ref) < TOL[torch.float16]
 
     class Unrolled:
         """Launches a half2 GEMV kernel with ``UNROLL`` steps per loop iteration."""

@@ -19,7 +19,7 @@ from kernels.bench import MS, SHAPES
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
-from kernels.triton_ops import launch_actquant, launch_linear
+from kernels.triton_ops import launch_actquant, launch_linear, launch_linear_wa
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -70,10 +70,9 @@ def test_wa_every_shape(k, n, bits):
     w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
     for m in (1, 2, 16, 256, 4096):
         x = torch.randn(m, k, device="cuda", generator=gen("a", k, n, bits, m)).to(torch.bfloat16)
-        xq, ts = launch_actquant(x, None, bits)
         out = poisoned(m, n, torch.bfloat16)
-        launch_linear(xq, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, None, bits, 8, k,
-                      torch.bfloat16, out=out)
+        launch_linear_wa(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, bits, 8, bits,
+                         torch.bfloat16, out=out)
         assert not out.isnan().any()
         ref = dequantize_activations(quantize_activations(x.cpu(), bits), torch.float64).cuda() @ w.T
         err = rel_err(out, ref)
@@ -84,7 +83,7 @@ def test_wa_every_shape(k, n, bits):
 @pytest.mark.parametrize("act_bits", [2, 4, 8])
 def test_actquant_bit_exact(k, act_bits):
     idx = split_region_index(list(range(0, k, 97)), k, 32, segments=2).cuda()
-    for m in (1, 300):
+    for m in (1, 300, 1024):
         x = torch.randn(m, k, device="cuda", generator=gen("q", k, act_bits, m)) * 3
         x[0, :64] = 0.0
         x = x.to(torch.bfloat16)
@@ -96,6 +95,8 @@ def test_actquant_bit_exact(k, act_bits):
         assert torch.equal(ts * 2.0**-act_bits, ref.token_scale)
         deq = dequantize_activations(ref, torch.float64)
         assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
+        xd, _ = launch_actquant(x, idx, act_bits, dequant_dtype=torch.float32)
+        assert torch.equal(xd.cpu(), dequantize_activations(ref, torch.float32))
 
 
 @pytest.mark.parametrize("act_bits", [None, 2])
