@@ -141,7 +141,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits`` (for M <= 2 at W2/W4,
     the half2 GEMV's best tiles of ``scripts/gemv_ab.py`` too)."""
     if m <= 2:
-        bm, bn, bg, w = gemv_tile(bits, m)
+        _, bm, bn, bg, w = gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
             tiles.append((bn, 3 - bg, w))

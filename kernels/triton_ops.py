@@ -90,24 +90,37 @@ def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132) -> i
     return split
 
 
-def gemv_tile(bits: int, m: int) -> tuple[int, int, int, int]:
-    """``(block_m, block_n, groups per step, warps)`` of the GEMV (M <= 2): about 128 registers under Triton 3.6."""
-    return (1, 512, 2 if bits <= 3 else 1, 4) if m == 1 else (2, 512, 1, 4)
+def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
+    """``(kernel, block_m, block_n, groups per step, warps)`` of the GEMV for M <= 4 tokens.
+
+    As measured best on the H200 (docs/results/gemv-h2-ab4-h200.json, W2/W4 at M = 1, 2, 4 on four
+    shapes): the half2 GEMV for 2-bit weights up to 4 tokens (8-18 % faster than the fp32 GEMV at
+    M = 1, 2 and 9-20 % faster than the tensor-core tiles at M = 4) and for 4-bit ones at 3..4 tokens
+    (up to 28 % faster than the tiles); the fp32-accumulating GEMV for the rest (M <= 2). A half2 tile
+    given fp32 inputs runs the fp32 GEMV on the same tile (:func:`launch_linear`).
+    """
+    bm = 1 if m == 1 else (2 if m == 2 else 4)
+    if bits == 2:
+        return ("gemv_h2", 1, 256, 2, 2) if m == 1 else ("gemv_h2", bm, 512, 1, 4)
+    if m > 2:
+        return "gemv_h2", bm, 256, 1, 2
+    return ("gemv", 1, 512, 2 if bits <= 3 else 1, 4) if m == 1 else ("gemv", 2, 512, 1, 4)
 
 
 def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
-    GEMV for one or two tokens (split along K for about three programs per SM; at M = 4 the
-    GEMV measured 0.45x of bf16 on the H200, its 4-token tiles spill or shuffle); split-K
+    A GEMV (:func:`gemv_tile`) for one or two tokens, and for three or four at 2 and 4 bits (split
+    along K for about three programs per SM; the fp32 GEMV measured 0.45x of bf16 at M = 4 on the
+    H200, its 4-token tiles spill or shuffle, so other widths take the tiles there); split-K
     tensor-core tiles up to 64 tokens with enough programs for two per SM; the fused
     tensor-core GEMM at 65..127 tokens; dequantize-then-cuBLAS from 128 tokens, where the GEMM
     is compute-bound.
     """
     sms = 132
-    if m <= 2:
-        bm, bn, bg, warps = gemv_tile(bits, m)
-        return Config("gemv", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
+    if m <= 2 or (m <= 4 and bits in (2, 4)):
+        kernel, bm, bn, bg, warps = gemv_tile(bits, m)
+        return Config(kernel, bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
     if m <= 64:
         bm = 16 if m <= 16 else (32 if m <= 32 else 64)
         split = 1

@@ -214,6 +214,25 @@ else:
             self.grids.append(grid)
             return self.kernel[grid]
 
+    @pytest.mark.parametrize("bits, m", [(2, 1), (2, 3), (2, 4), (4, 3), (4, 4)])
+    def test_rule_runs_the_half2_gemv_for_few_tokens(bits, m, monkeypatch):
+        """Without a table entry, 2-bit weights up to 4 tokens and 4-bit ones at 3..4 tokens take the half2
+        GEMV for 16-bit inputs and the fp32 GEMV on the same tile for fp32 inputs, both matching the reference."""
+        lay = layer(bits, seed=60 + bits)
+        n, kq = lay.out_features, lay.scales.shape[1] * 32
+        assert triton_ops.table_key(bits, kq, n, m) not in triton_ops.TABLE
+        cfg = triton_ops.choose_config(bits, m, n, kq)
+        assert cfg.kernel == "gemv_h2" and cfg.block_m >= m
+        h2, gemv = KernelSpy(triton_ops.gemv_h2_kernel), KernelSpy(triton_ops.gemv_kernel)
+        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", h2)
+        monkeypatch.setattr(triton_ops, "gemv_kernel", gemv)
+        x = torch.randn(m, K)
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
+        assert rel_err(run(x.to(torch.bfloat16), lay, None, torch.bfloat16), ref) < TOL[torch.bfloat16]
+        assert len(h2.grids) == 1 and gemv.grids == []
+        assert rel_err(run(x, lay, None, torch.float32), ref) < TOL[torch.float32]
+        assert len(h2.grids) == 1 and len(gemv.grids) == 1
+
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 2), (4, 1), (4, 2)])
     def test_tuned_gemv_h2_entry_round_trips_and_dispatches(bits, m, tmp_path, monkeypatch):
         """A ``--tune`` candidate naming gemv_h2 survives the table file, and the dispatch launches it for
