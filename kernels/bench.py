@@ -47,9 +47,8 @@ KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]
 QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_MS = [1, 16, 64, 1024]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
-# (BN, groups per step, warps) of the half2 GEMV per (bits, M): the fastest on the H200 A/B (scripts/gemv_ab.py)
-H2_TILES = {(2, 1): [(256, 2, 2), (512, 2, 4)], (2, 2): [(512, 2, 4), (512, 1, 4)], (4, 1): [(512, 2, 4)],
-            (4, 2): [(512, 1, 4)]}
+# (BN, groups per step, warps) of the half2 GEMV that --tune tries for 2/4-bit weights at M <= 4
+H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4)]
 
 
 def graph_time_us(calls: list, trials: int = 7, min_ms: float = 20.0) -> float:
@@ -138,22 +137,25 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
-    """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits`` (for M <= 2 at W2/W4,
-    the half2 GEMV's best tiles of ``scripts/gemv_ab.py`` too)."""
+    """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``: the half2 GEMV's tiles
+    (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest."""
+    h2 = []
+    if m <= 4 and bits in (2, 4):
+        bm = min(m, 2) if m <= 2 else 4
+        h2 = [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
+              for bn, bg, w in H2_TILES for s in (1, 2)]
     if m <= 2:
         _, bm, bn, bg, w = gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
             tiles.append((bn, 3 - bg, w))
-        return ([Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
-                 for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))]
-                + [Config("gemv_h2", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg), num_warps=w)
-                   for bn, bg, w in H2_TILES.get((bits, m), [])])
+        return [Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
+                for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))] + h2
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
                  for bn in (32, 64, 128) for bk in (128, 256) for s in (4, 8, 16, 32)]
-                + [Config("gemm", bm, 128, 128, split_k=s, num_warps=8, num_stages=3) for s in (4, 8, 16)])
+                + [Config("gemm", bm, 128, 128, split_k=s, num_warps=8, num_stages=3) for s in (4, 8, 16)] + h2)
     return ([Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
              for bm, bn, bk, w in ((64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8))
              if bm <= max(64, m)]
