@@ -141,7 +141,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest."""
     h2 = []
     if m <= 4 and bits in (2, 4):
-        bm = min(m, 2) if m <= 2 else 4
+        bm = m if m <= 2 else 4
         h2 = [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
               for bn, bg, w in H2_TILES for s in (1, 2)]
     if m <= 2:

@@ -45,15 +45,16 @@ def main() -> None:
     import torch
     from vllm import LLM, SamplingParams
 
+    most = max([args.batch, *args.before])
     lines = [f"{args.quant} batch {args.batch} (before it: {args.before or 'nothing'})"]
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model_dir(Path(tmp), quantized=bits is not None)
         llm = LLM(model=str(model), skip_tokenizer_init=True, load_format="dummy", dtype="bfloat16",
-                  max_model_len=args.input_len + args.output_len + 16, max_num_seqs=max([args.batch, *args.before]),
+                  max_model_len=args.input_len + args.output_len + 16, max_num_seqs=most,
                   gpu_memory_utilization=0.85, seed=0)
         rng = random.Random(0)
         prompts = [{"prompt_token_ids": [rng.randrange(3, 32000) for _ in range(args.input_len)]}
-                   for _ in range(max([args.batch, *args.before]))]
+                   for _ in range(most)]
         greedy = {"temperature": 0.0, "ignore_eos": True, "detokenize": False}
         params = SamplingParams(max_tokens=args.output_len, **greedy)
         for b in args.before:

@@ -214,6 +214,20 @@ else:
             self.grids.append(grid)
             return self.kernel[grid]
 
+    def dispatch_spied(lay, bits: int, m: int, monkeypatch):
+        """The dispatch (no configuration given) on bf16, then fp32 inputs, both checked against the reference
+        op, with the two GEMV kernels spied: their launch grids ``(half2, fp32)`` after the bf16 call and
+        after both."""
+        h2, gemv = KernelSpy(triton_ops.gemv_h2_kernel), KernelSpy(triton_ops.gemv_kernel)
+        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", h2)
+        monkeypatch.setattr(triton_ops, "gemv_kernel", gemv)
+        x = torch.randn(m, K)
+        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
+        assert rel_err(run(x.to(torch.bfloat16), lay, None, torch.bfloat16), ref) < TOL[torch.bfloat16]
+        after_bf16 = (list(h2.grids), list(gemv.grids))
+        assert rel_err(run(x, lay, None, torch.float32), ref) < TOL[torch.float32]
+        return after_bf16, (h2.grids, gemv.grids)
+
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 3), (2, 4), (4, 3), (4, 4)])
     def test_rule_runs_the_half2_gemv_for_few_tokens(bits, m, monkeypatch):
         """Without a table entry, 2-bit weights up to 4 tokens and 4-bit ones at 3..4 tokens take the half2
@@ -223,15 +237,9 @@ else:
         assert triton_ops.table_key(bits, kq, n, m) not in triton_ops.TABLE
         cfg = triton_ops.choose_config(bits, m, n, kq)
         assert cfg.kernel == "gemv_h2" and cfg.block_m >= m
-        h2, gemv = KernelSpy(triton_ops.gemv_h2_kernel), KernelSpy(triton_ops.gemv_kernel)
-        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", h2)
-        monkeypatch.setattr(triton_ops, "gemv_kernel", gemv)
-        x = torch.randn(m, K)
-        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
-        assert rel_err(run(x.to(torch.bfloat16), lay, None, torch.bfloat16), ref) < TOL[torch.bfloat16]
-        assert len(h2.grids) == 1 and gemv.grids == []
-        assert rel_err(run(x, lay, None, torch.float32), ref) < TOL[torch.float32]
-        assert len(h2.grids) == 1 and len(gemv.grids) == 1
+        (h2_bf16, gemv_bf16), (h2_all, gemv_all) = dispatch_spied(lay, bits, m, monkeypatch)
+        assert len(h2_bf16) == 1 and gemv_bf16 == []
+        assert len(h2_all) == 1 and len(gemv_all) == 1
 
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 2), (4, 1), (4, 2)])
     def test_tuned_gemv_h2_entry_round_trips_and_dispatches(bits, m, tmp_path, monkeypatch):
@@ -246,12 +254,6 @@ else:
         assert triton_ops._load_table() == {key: cfg}
         monkeypatch.setitem(triton_ops.TABLE, key, cfg)
         assert triton_ops.choose_config(bits, m, n, kq) == cfg
-        h2, gemv = KernelSpy(triton_ops.gemv_h2_kernel), KernelSpy(triton_ops.gemv_kernel)
-        monkeypatch.setattr(triton_ops, "gemv_h2_kernel", h2)
-        monkeypatch.setattr(triton_ops, "gemv_kernel", gemv)
-        x = torch.randn(m, K)
-        ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits)
-        assert rel_err(run(x.to(torch.bfloat16), lay, None, torch.bfloat16), ref) < TOL[torch.bfloat16]
-        assert h2.grids == [(1, cfg.split_k)] and gemv.grids == []
-        assert rel_err(run(x, lay, None, torch.float32), ref) < TOL[torch.float32]
-        assert h2.grids == [(1, cfg.split_k)] and gemv.grids == [(1, cfg.split_k)]
+        (h2_bf16, gemv_bf16), (h2_all, gemv_all) = dispatch_spied(lay, bits, m, monkeypatch)
+        assert h2_bf16 == [(1, cfg.split_k)] and gemv_bf16 == []
+        assert h2_all == [(1, cfg.split_k)] and gemv_all == [(1, cfg.split_k)]
