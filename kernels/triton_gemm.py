@@ -2,13 +2,22 @@
 
 Each program owns a ``BM x BN`` output tile (optionally one of ``SPLIT_K`` slices of K) and per
 ``BK`` step dequantizes a ``BN x BK`` weight tile in registers into the activation dtype. The
-product is computed transposed, ``acc[BN, BM] += W_tile @ x_tile^T``: the dequantized weights
-are the register operand (wgmma's A may come from registers, so the next tile's dequantization
-overlaps the running wgmma) and the activations the shared-memory operand, which also fits
-decode sizes (BM = 16 is wgmma's N). The packed words are read K-major (contiguous along N)
-and unpacked as ``[slot, word row, column]`` so every thread keeps whole words; a permute +
-reshape puts the codes in natural K order without moving data. ``row_scale`` (and the token
-scale of quantized activations) is applied once per output in the epilogue.
+packed words are read K-major (contiguous along N) and unpacked as ``[slot, word row, column]``
+so every thread keeps whole words; a permute + reshape puts the codes in natural K order without
+moving data. ``row_scale`` (and the token scale of quantized activations) is applied once per
+output in the epilogue.
+
+Two orientations of the product (``X_FIRST``):
+
+* ``acc[BM, BN] += x_tile @ W_tile^T`` (``Config("gemm")``): the activations are wgmma's A operand,
+  loaded into shared memory by ``cp.async`` a few steps ahead, and the dequantized weights its B
+  operand, stored to shared memory; a step's wgmmas issue back to back and are waited for once.
+  wgmma's A has 64 rows, so fewer tokens leave rows of the MMA idle (the tensor cores are idle
+  most of the time here anyway) or, with ``BM < 64``, Triton uses ``mma.sync`` tiles.
+* ``acc[BN, BM] += W_tile @ x_tile^T`` (``Config("gemm_t")``): the dequantized weights are wgmma's
+  register operand (staged through shared memory into its register layout) and the activations
+  the shared-memory operand, which fits decode sizes (BM = 16 is wgmma's N); Triton waits for each
+  wgmma before it reuses the operand registers.
 """
 
 from __future__ import annotations
@@ -77,8 +86,10 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                SPLIT_K, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """``y = x @ W^T``; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K), M tiles grouped by GROUP_M for L2 reuse."""
+                SPLIT_K, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                X_FIRST: tl.constexpr):
+    """``y = x @ W^T``; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K), M tiles grouped by GROUP_M for L2 reuse;
+    ``X_FIRST`` the orientation of the product (module docstring)."""
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -94,15 +105,18 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
     op_dtype = x_ptr.dtype.element_ty
     n_tiles = tl.cdiv(Kq, BK)
     per_split = tl.cdiv(n_tiles, SPLIT_K)
-    acc = tl.zeros([BN, BM], tl.float32)
+    acc = tl.zeros([BM, BN] if X_FIRST else [BN, BM], tl.float32)
     for kt in range(pid_k * per_split, tl.minimum(n_tiles, (pid_k + 1) * per_split)):
         k0 = kt * BK
         a = load_act(x_ptr, stride_xm, rows[:, None], k0 + tl.arange(0, BK)[None, :], M, K, Kp, Kq, split_ptr,
                      HAS_SPLIT)
         w = dequant_tile(w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride_sg, stride_sn, k0, Kq, R1, R2, magic, cols,
                          cmask, P0, S0, P1, S1, P2, S2, ZOFF, ZMUL, BK, op_dtype)
-        acc = tl.dot(w, tl.trans(a), acc)
-    finish(tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
+        if X_FIRST:
+            acc = tl.dot(a, tl.trans(w), acc)
+        else:
+            acc = tl.dot(w, tl.trans(a), acc)
+    finish(acc if X_FIRST else tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
            pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
 
 

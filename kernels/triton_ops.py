@@ -47,7 +47,8 @@ class Config:
 
     ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemv_h2"`` (the
     same on packed half2 arithmetic, experimental: 2/4/8-bit weights, 16-bit inputs), ``"gemm"`` (fused
-    dequantization + tensor cores) or ``"dense"`` (dequantize the whole weight to the activation
+    dequantization + tensor cores, ``x @ W^T``), ``"gemm_t"`` (the same as ``W @ x^T``: the two orientations
+    of :mod:`kernels.triton_gemm`) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
@@ -126,9 +127,9 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
         split = 1
         while triton.cdiv(n, 64) * split < 2 * sms and kq // (128 * split) >= 4 and split < 32:
             split *= 2
-        return Config("gemm", bm, 64, 128, split_k=split, num_warps=4, num_stages=3)
+        return Config("gemm_t", bm, 64, 128, split_k=split, num_warps=4, num_stages=3)
     if m < 128:
-        return Config("gemm", 64, 128, 64, num_warps=4, num_stages=3)
+        return Config("gemm_t", 64, 128, 64, num_warps=4, num_stages=3)
     return Config("dense", 0, 32, 128, num_warps=4) if m <= 256 else Config("dense", 0, 64, 64, num_warps=4)
 
 
@@ -229,7 +230,8 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
                              ASM=ASM, num_warps=cfg.num_warps)
     else:
         gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                          GROUP_M=cfg.group_m, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                          GROUP_M=cfg.group_m, X_FIRST=cfg.kernel == "gemm", num_warps=cfg.num_warps,
+                          num_stages=cfg.num_stages)
     return y
 
 

@@ -43,7 +43,7 @@ from kernels.ops import pack_linear  # noqa: E402
 from kernels.triton_ops import Config, launch_linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-KERNELS = {"gemv": "gemv_kernel", "gemv_h2": "gemv_h2_kernel"}  # Config.kernel -> attribute of triton_ops
+KERNELS = {"gemv": "gemv_kernel", "gemv_h2": "gemv_h2_kernel", "gemm": "gemm_kernel", "gemm_t": "gemm_kernel"}  # Config.kernel -> attribute of triton_ops
 # (kernel, bits, M, (BN, groups per step, warps), steps per loop iteration): the W2 tiles of the H200 A/B
 DEFAULT = [(kernel, 2, m, tile, unroll) for kernel, unroll in (("gemv_h2", 1), ("gemv_h2", 2))
            for m, tile in ((1, (512, 2, 4)), (1, (256, 2, 2)), (2, (512, 1, 4)), (2, (512, 2, 4)))]
@@ -76,6 +76,7 @@ def record_launch(kernel: str, bits: int, m: int, tile: tuple[int, int, int], k:
     """The arguments the dispatch passes for ``Config(kernel, m, *tile)`` on a random K x N layer (CPU tensors),
     with ``UNROLL=unroll`` added for the half2 kernel."""
     bn, bg, warps = tile
+    stages = dict(num_stages=3) if kernel.startswith("gemm") else {}
     layer = pack_linear(quantize_weight(torch.randn(n, k) * 0.02), bits)
     name = KERNELS[kernel]
     rec = _Recorder(getattr(triton_ops, name))
@@ -83,7 +84,7 @@ def record_launch(kernel: str, bits: int, m: int, tile: tuple[int, int, int], k:
     try:
         launch_linear(torch.randn(m, k).to(dtype), layer.packed, layer.scales, layer.zeros, layer.row_scale, None,
                       None, None, bits, layer.master_bits, layer.in_features, dtype,
-                      Config(kernel, m, bn, bg, num_warps=warps))
+                      Config(kernel, m, bn, bg, num_warps=warps, **stages))
     finally:
         setattr(triton_ops, name, rec.fn)
     assert rec.launch is not None
@@ -125,7 +126,7 @@ def count(kernel: str, bits: int, m: int, tile: tuple[int, int, int], unroll: in
         dump.write_text(sass)
     length, ops = _loop_mix(sass)
     bn, bg, warps = tile
-    codes = unroll * bg * 32 * bn // (32 * warps) * m
+    codes = bg * bn // (32 * warps) if kernel.startswith("gemm") else unroll * bg * 32 * bn // (32 * warps) * m
     return dict(kernel=kernel, bits=bits, M=m, BN=bn, BG=bg, warps=warps, unroll=unroll, regs=int(usage["REG"]),
                 local=int(usage["LOCAL"]), shared=compiled.metadata.shared, loop=length, codes=codes, per_code=round(length / codes, 2),
                 mix=dict(ops.most_common(14)))

@@ -65,7 +65,9 @@ else:
     @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (2, Config("gemv", 2, 8, 1, split_k=2)),
                                         (2, Config("gemv", 2, 16, 2, split_k=3)),
                                         (5, Config("gemm", 16, 16, 32, split_k=3)),
-                                        (19, Config("gemm", 16, 16, 64, group_m=2))])
+                                        (5, Config("gemm_t", 16, 16, 32, split_k=3)),
+                                        (19, Config("gemm", 16, 16, 64, group_m=2)),
+                                        (19, Config("gemm_t", 16, 16, 64, group_m=2))])
     def test_linear_wa16_matches_reference(bits, m, cfg):
         lay = layer(bits, seed=bits)
         dtype = (torch.bfloat16, torch.float16)[m % 2]
@@ -80,7 +82,7 @@ else:
                              lay.split_index, 2, K, 32)
         x = torch.randn(3, K)
         ref = linear_wa16(x.double(), lay.to_quantized_weight(), 2)
-        for cfg in (Config("gemv", 1, 8, 2), Config("gemm", 16, 16, 32)):
+        for cfg in (Config("gemv", 1, 8, 2), Config("gemm", 16, 16, 32), Config("gemm_t", 16, 16, 32)):
             xs = x[:1] if cfg.kernel == "gemv" else x
             assert rel_err(run(xs, rowmajor, cfg, torch.float32), ref[: xs.shape[0]]) < 1e-5
 

@@ -1,0 +1,126 @@
+"""A/B of the tensor-core tile orientations (``Config("gemm")``: ``x @ W^T``; ``"gemm_t"``: ``W @ x^T``) on a CUDA GPU.
+
+For every weight width, shape (K x N) and token count M it times, as ``kernels.bench`` times
+(CUDA-graph replays over enough weight copies that L2 does not help), bf16 ``F.linear``, the
+configuration the dispatch picks today (``current``: table or rule) and a grid of tile
+configurations of both orientations (:func:`grid`), plus the dense path from 128 tokens on. Every
+configuration is first checked once against the float64 reference op
+(``kernels.reference.linear_wa16``) into a NaN-poisoned output; ``rel_err`` must stay <= 1e-2.
+
+Writes JSON records to ``--out`` after every shape, prints each timing and the best of each
+orientation per (shape, M); exits 1 if a correctness check failed.
+
+GPU: ``python3 scripts/gemm_ab.py --out $OUT/gemm_ab.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels.bench import copies_for, graph_time_us, make_layers, parse_shapes, time_kernel  # noqa: E402
+from kernels.reference import linear_wa16  # noqa: E402
+from kernels.triton_ops import Config, choose_config, launch_linear  # noqa: E402
+
+SHAPES = "8192x8192,4096x14336,28672x8192"
+MS = "16,32,64,128,256,1024"
+MAX_ERR = 1e-2
+SMS = 132
+
+
+def split_for(tiles: int, kq: int, bk: int) -> int:
+    """Split-K for about two programs per SM, each with at least four K steps."""
+    split = 1
+    while tiles * split < 2 * SMS and kq // (bk * split) >= 8 and split < 32:
+        split *= 2
+    return split
+
+
+def grid(m: int, n: int, kq: int) -> list[Config]:
+    """Tile configurations to time: few tokens, split-K tiles of both orientations (``gemm`` also with 64-row
+    tiles, wgmma's A height); many tokens, the large tiles of both and the dense path."""
+    out = []
+    if m <= 64:
+        bm = max(16, triton.next_power_of_2(m))
+        for kernel, bms in (("gemm_t", (bm,)), ("gemm", sorted({bm, 64}))):
+            for bmk in bms:
+                for bn in (64, 128):
+                    for bk in (64, 128):
+                        s = split_for(triton.cdiv(m, bmk) * triton.cdiv(n, bn), kq, bk)
+                        out += [Config(kernel, bmk, bn, bk, split_k=sk, num_warps=4, num_stages=3)
+                                for sk in sorted({s, 2 * s})]
+        return out
+    for kernel in ("gemm", "gemm_t"):
+        out += [Config(kernel, bm, bn, bk, num_warps=w, num_stages=st)
+                for bm, bn, bk, w, st in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                          (128, 128, 128, 8, 3), (128, 256, 64, 8, 4))]
+    return out + [Config("dense", 0, 64, 64, num_warps=4), Config("dense", 0, 32, 128, num_warps=4)]
+
+
+def rel_err(layer, x: torch.Tensor, ref: torch.Tensor, cfg: Config) -> float:
+    """Relative error of one call into a NaN-poisoned output against ``ref`` (inf if an output was not written)."""
+    out = torch.full((x.shape[0], layer.out_features), float("nan"), dtype=x.dtype, device=x.device)
+    launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None, layer.bits,
+                  layer.master_bits, layer.in_features, x.dtype, cfg, out)
+    if out.isnan().any():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm()).item()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python3 scripts/gemm_ab.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=SHAPES, help="K x N shapes, comma-separated (default %(default)s)")
+    ap.add_argument("--ms", default=MS, help="token counts, comma-separated (default %(default)s)")
+    ap.add_argument("--bits", default="2", help="weight widths, comma-separated (default %(default)s)")
+    ap.add_argument("--out", type=Path, required=True, help="JSON records to write")
+    args = ap.parse_args()
+    start, records, failures = time.time(), [], 0
+    for bits in map(int, args.bits.split(",")):
+        for k, n in parse_shapes(args.shapes):
+            layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
+            w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies_for(2 * n * k))]
+            for m in map(int, args.ms.split(",")):
+                x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+                y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
+                bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16],
+                                        trials=3, min_ms=5.0)
+                xc = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
+                ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), bits)
+                current = choose_config(bits, m, n, k)
+                for label, cfg in [("current", current)] + [(c.kernel, c) for c in grid(m, n, k)]:
+                    rec = dict(bits=bits, K=k, N=n, M=m, label=label, config=cfg.__dict__, bf16_us=round(bf16_us, 2))
+                    try:
+                        err = rel_err(layers[0], xc, ref, cfg)
+                        us = time_kernel(layers, x, cfg, None, trials=3, min_ms=5.0)
+                    except Exception as e:  # a configuration that does not compile (e.g. out of shared memory)
+                        print(f"  skip {cfg}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                    failures += not err <= MAX_ERR
+                    rec.update(us=round(us, 2), speedup=round(bf16_us / us, 3), rel_err=float(f"{err:.3g}"))
+                    records.append(rec)
+                    print(f"W{bits} {k}x{n} M={m:4d} {label:8s} {us:8.1f} us {bf16_us / us:5.2f}x err {err:.1e} "
+                          f"{cfg}" + ("" if err <= MAX_ERR else "  FAILED"), flush=True)
+                args.out.write_text(json.dumps(records, indent=1) + "\n")
+            del layers, w16
+            torch.cuda.empty_cache()
+    print("\nbest per orientation (speedup over bf16):")
+    for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
+        rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
+        best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
+                for lab in ("current", "gemm_t", "gemm", "dense")}
+        print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
+            f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
+    print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
