@@ -83,97 +83,40 @@ def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_pt
 
 
 @triton.jit
-def _token_scale(amax, ts_ptr, m, XQ_MUL: tl.constexpr):
-    """The token scale ``max_g(raw scale) / 448`` from the largest raw scale ``amax``; stores it times ``2^a``."""
-    ts = tl.div_rn(amax, 448.0)
+def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
+    ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
     ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
     tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
     return ts
 
 
-MAX_PIECES = 4  # pieces BG, BG1, BG2, BG3 of actquant_kernel
-MIN_PIECE = 8  # groups: smaller tails of a row are one piece, rounded up to a power of two
-
-
-def row_pieces(groups: int, max_pieces: int = MAX_PIECES, min_piece: int = MIN_PIECE) -> tuple[int, ...]:
-    """The pieces (group counts, powers of two, largest first) in which one pass holds a row of ``groups`` groups.
-
-    The binary expansion of ``groups`` from its top, while the rest is at least ``min_piece`` groups
-    and fewer than ``max_pieces`` pieces are taken; whatever is left is one last piece rounded up to a
-    power of two (<= the piece before it), whose lanes past the row are masked: masked loads read
-    nothing, so only registers and issue slots are wasted. 344 groups (K = 11008) are 256 + 64 + 16 + 8,
-    448 are 256 + 128 + 64, 896 are 512 + 256 + 128, 132 are 128 + 4, 15 are 8 + 8; a power of two
-    is one piece (the row in one chunk). At most ``max_pieces`` pieces; they cover the row, and past it
-    by less than the last piece.
-    """
-    pieces, rest = [], groups
-    while rest >= min_piece and len(pieces) < max_pieces - 1:
-        pieces.append(1 << (rest.bit_length() - 1))
-        rest -= pieces[-1]
-    if rest:
-        pieces.append(1 << (rest - 1).bit_length())
-    return tuple(pieces)
-
-
 @triton.jit
 def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
                     stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
-                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_PASS: tl.constexpr,
-                    BG1: tl.constexpr = 0, BG2: tl.constexpr = 0, BG3: tl.constexpr = 0,
+                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr,
                     DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1):
-    """Quantize token ``program_id(0)``: in one pass over the row held in registers (``ONE_PASS``), or in two over
-    chunks of ``BG`` groups.
+    """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
 
-    ``ONE_PASS``: the row is loaded as pieces of ``BG``, ``BG1``, ``BG2``, ``BG3`` groups (powers of two, as
-    ``tl.arange`` needs; 0 = no such piece) laid end to end from group 0 and covering the row
-    (:func:`row_pieces`); the token scale is the largest raw scale of all pieces, then every piece is
-    quantized from registers. One piece is the row padded to a power of two of groups; several tile a row of
-    any other width with few or no masked lanes, where one padded chunk wastes up to half of them (and their
-    registers). Otherwise a first pass over the chunks finds the token scale and a second re-reads the row
-    (an L2 hit) and quantizes it; ``STAGES`` > 1 software-pipelines the chunk loops' loads
-    (``tl.range(num_stages=...)``).
-
-    ``x / step`` per element is one reciprocal per group and Markstein's correction, ``q = x r; q += (x - q step) r``
-    with ``r = 1/step`` correctly rounded, which is the correctly rounded quotient (as ``div_rn``) for normal
-    operands.
+    The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
+    stays in registers and there is one pass. ``STAGES`` > 1 software-pipelines the chunk loops'
+    loads (``tl.range(num_stages=...)``). ``x / step`` per element is one reciprocal per
+    group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
+    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
     """
     m = tl.program_id(0)
     G = Kq // 32
-    if ONE_PASS:
-        g0 = tl.arange(0, BG)
-        x0, k0, lo0, raw0 = _chunk(x_ptr, stride_xm, m, g0, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-        amax = tl.max(tl.where(g0 < G, raw0, 0.0), axis=0)
-        if BG1 > 0:
-            g1 = BG + tl.arange(0, BG1)
-            x1, k1, lo1, raw1 = _chunk(x_ptr, stride_xm, m, g1, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-            amax = tl.maximum(amax, tl.max(tl.where(g1 < G, raw1, 0.0), axis=0))
-        if BG2 > 0:
-            g2 = BG + BG1 + tl.arange(0, BG2)
-            x2, k2, lo2, raw2 = _chunk(x_ptr, stride_xm, m, g2, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-            amax = tl.maximum(amax, tl.max(tl.where(g2 < G, raw2, 0.0), axis=0))
-        if BG3 > 0:
-            g3 = BG + BG1 + BG2 + tl.arange(0, BG3)
-            x3, k3, lo3, raw3 = _chunk(x_ptr, stride_xm, m, g3, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-            amax = tl.maximum(amax, tl.max(tl.where(g3 < G, raw3, 0.0), axis=0))
-        ts = _token_scale(amax, ts_ptr, m, XQ_MUL)
-        _quantize_chunk(x0, k0, g0, lo0, raw0, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
-                        QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
-        if BG1 > 0:
-            _quantize_chunk(x1, k1, g1, lo1, raw1, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
-                            stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
-        if BG2 > 0:
-            _quantize_chunk(x2, k2, g2, lo2, raw2, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
-                            stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
-        if BG3 > 0:
-            _quantize_chunk(x3, k3, g3, lo3, raw3, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
-                            stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
+    gg = tl.arange(0, BG)
+    if ONE_CHUNK:
+        x, k, lo, raw = _chunk(x_ptr, stride_xm, m, gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
+        ts = _token_scale(tl.where(gg < G, raw, 0.0), ts_ptr, m, XQ_MUL)
+        _quantize_chunk(x, k, gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm, QMAX,
+                        XQ_MUL, WRITE_CODES, DEQUANT)
     else:
-        gg = tl.arange(0, BG)
         rmax = tl.zeros([BG], tl.float32)
         for g0 in tl.range(0, G, BG, num_stages=STAGES):
             _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
-        ts = _token_scale(tl.max(rmax, axis=0), ts_ptr, m, XQ_MUL)
+        ts = _token_scale(rmax, ts_ptr, m, XQ_MUL)
         for g0 in tl.range(0, G, BG, num_stages=STAGES):
             x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             _quantize_chunk(x, k, g0 + gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,

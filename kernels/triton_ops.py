@@ -29,7 +29,7 @@ import triton
 
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
-from .triton_actquant import MAX_PIECES, actquant_kernel
+from .triton_actquant import actquant_kernel
 from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
 from .triton_gemv import MAGIC_BITS, gemv_kernel
@@ -257,22 +257,11 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
 @dataclass(frozen=True)
 class ActQuantTile:
     """A launch of the activation-quantization kernel: ``groups`` per chunk (one chunk covering the row is one
-    pass over it, fewer are two), ``warps``, and ``stages`` of software pipelining of the chunk loops.
-
-    ``pieces`` (at most ``MAX_PIECES`` powers of two, the first being ``groups``) holds the row in registers as
-    chunks of these many groups end to end, one pass, for rows whose group count is not a power of two
-    (:func:`kernels.triton_actquant.row_pieces`); they must cover the row.
-    """
+    pass over it, fewer are two), ``warps``, and ``stages`` of software pipelining of the chunk loops."""
 
     groups: int
     warps: int
     stages: int = 1
-    pieces: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        p = self.pieces
-        if p and (p[0] != self.groups or len(p) > MAX_PIECES or any(n < 1 or n & (n - 1) for n in p)):
-            raise ValueError(f"pieces {p}: at most {MAX_PIECES} powers of two, the first = groups ({self.groups})")
 
 
 def actquant_tile(m: int, groups: int) -> ActQuantTile:
@@ -297,7 +286,7 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
 
     With ``dequant_dtype`` the first output is the dequantized activations ``(code - zero) * step`` in that
     dtype instead of ``xq`` (the token scale is still returned, times ``2^a`` as always). ``tile`` overrides
-    :func:`actquant_tile` (benchmarks); a tile with ``pieces`` that do not cover the row is a ``ValueError``.
+    :func:`actquant_tile` (benchmarks).
     """
     m, k = x.shape
     kp = padded_width(k, GROUP_SIZE)
@@ -311,14 +300,9 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
         tile = tile or actquant_tile(m, kq // GROUP_SIZE)
-        pieces = tile.pieces or (tile.groups,)
-        one_pass = sum(pieces) * GROUP_SIZE >= kq
-        if len(pieces) > 1 and not one_pass:
-            raise ValueError(f"pieces {pieces} do not cover a row of {kq // GROUP_SIZE} groups")
-        bg, bg1, bg2, bg3 = pieces + (0,) * (MAX_PIECES - len(pieces))
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
-                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=bg, BG1=bg1, BG2=bg2,
-                              BG3=bg3, HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_PASS=one_pass,
+                              xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
+                              HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,
                               DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps)
     return (xq, ts, *extra)
 

@@ -3,10 +3,7 @@
 For every row width K and token count M it times the launch the dispatch picks today
 (``actquant_tile``, labelled ``current``) and a grid of others: one chunk per row (the row padded
 to a power of two of groups, in registers, one pass) with 8/16/32 warps, and chunks of 32/64/128
-groups (two passes over the row) with 4/8 warps and 1 or 3 pipeline stages; for a group count that
-is not a power of two also the row in registers as power-of-two pieces (one pass;
-``kernels.triton_actquant.row_pieces`` with at most 4, 3 and 2 pieces, where those differ) with
-8/16/32 warps. Every launch is
+groups (two passes over the row) with 4/8 warps and 1 or 3 pipeline stages. Every launch is
 first checked bit for bit against ``current`` on fresh random rows (xq and the token scale;
 ``current`` itself is checked against the CPU reference by ``tests/gpu``). Timing as
 ``kernels.bench`` times (CUDA-graph replays over enough input copies that L2 does not help);
@@ -29,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.bench import copies_for, copy_bandwidth, graph_time_us  # noqa: E402
-from kernels.triton_actquant import row_pieces  # noqa: E402
 from kernels.triton_ops import ActQuantTile, actquant_tile, launch_actquant  # noqa: E402
 
 KS = [4096, 8192, 11008, 14336, 28672]
@@ -43,10 +39,6 @@ def tiles(groups: int) -> dict[str, ActQuantTile]:
     for bg in (32, 64, 128):
         if bg < groups:
             out.update({f"chunk{bg}-w{w}-s{s}": ActQuantTile(bg, w, s) for w in (4, 8) for s in (1, 3)})
-    if groups != one:
-        for pieces in dict.fromkeys(row_pieces(groups, n) for n in (4, 3, 2)):
-            name = "+".join(map(str, pieces))
-            out.update({f"pieces{name}-w{w}": ActQuantTile(pieces[0], w, pieces=pieces) for w in (8, 16, 32)})
     return out
 
 
@@ -76,7 +68,7 @@ def main() -> None:
                 rec = dict(K=k, M=m, label=label, tile=tile.__dict__, us=round(us, 2),
                            bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1), exact=exact)
                 records.append(rec)
-                print(f"K={k:5d} M={m:4d} {label:24s} {us:8.2f} us {rec['bw_pct']:5.1f}% bw"
+                print(f"K={k:5d} M={m:4d} {label:16s} {us:8.2f} us {rec['bw_pct']:5.1f}% bw"
                       + ("" if exact else "  MISMATCH"), flush=True)
             args.out.write_text(json.dumps(dict(copy_tbps=round(bw / 1e12, 3), records=records), indent=1) + "\n")
             del xs

@@ -26,7 +26,6 @@ else:
     from kernels.split import quantize_split_weight, split_region_index
     from kernels import triton_ops
     from kernels.bench import candidates
-    from kernels.triton_actquant import row_pieces
     from kernels.triton_ops import ActQuantTile, Config, launch_actquant, launch_linear, launch_linear_wa
 
     _dot = interpreter.InterpreterBuilder.create_dot
@@ -87,29 +86,23 @@ else:
             xs = x[:1] if cfg.kernel == "gemv" else x
             assert rel_err(run(xs, rowmajor, cfg, torch.float32), ref[: xs.shape[0]]) < 1e-5
 
-    def hard_activations(seed: int, dtype: torch.dtype, k: int = K) -> torch.Tensor:
+    def hard_activations(seed: int, dtype: torch.dtype) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed)
-        x = torch.randn(5, k, generator=g) * 10 * torch.rand(5, 1, generator=g)
+        x = torch.randn(5, K, generator=g) * 10 * torch.rand(5, 1, generator=g)
         x[1] = 0.0  # all-zero token
         x[2, 30:64] = 0.0  # all-zero group
         x[3] *= 1e-6
         return x.to(dtype)
 
-    K_ODD = 440  # Kq = 480: 15 groups, the 14th partly padding, the 15th split slots
-    ACTQUANT_SPLITS = {K: SPLITS, K_ODD: [3, 40, 71, 300, 439]}
-
-    # (row width, tile): the default launch (one chunk per row here) and chunks of one group, two passes,
-    # pipelined loops; on 15 groups the row in four pieces that tile it exactly, and in the two of ``row_pieces``
-    # (8 + 8: the tail rounded up, its last group past the row)
-    ACTQUANT_TILES = [(K, None), (K, ActQuantTile(1, 4, stages=2)), (K_ODD, ActQuantTile(8, 4, pieces=(8, 4, 2, 1))),
-                      (K_ODD, ActQuantTile(8, 2, pieces=(8, 8)))]
+    # the default launch (one chunk per row here) and chunks of one group, two passes, pipelined loops
+    ACTQUANT_TILES = [None, ActQuantTile(1, 4, stages=2)]
 
     @pytest.mark.parametrize("act_bits", [2, 3, 4, 8])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-    @pytest.mark.parametrize("k, tile", ACTQUANT_TILES)
-    def test_actquant_is_bit_exact(act_bits, dtype, k, tile):
-        x = hard_activations(act_bits, dtype, k)
-        idx = split_region_index(ACTQUANT_SPLITS[k], k, 32)
+    @pytest.mark.parametrize("tile", ACTQUANT_TILES)
+    def test_actquant_is_bit_exact(act_bits, dtype, tile):
+        x = hard_activations(act_bits, dtype)
+        idx = split_region_index(SPLITS, K, 32)
         xq, ts, codes, scales, zeros = launch_actquant(x, idx, act_bits, write_codes=True, tile=tile)
         ref = quantize_activations(x, act_bits, idx)
         assert torch.equal(codes, ref.codes)
@@ -119,36 +112,18 @@ else:
         deq = dequantize_activations(ref, torch.float64)
         assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
 
-    @pytest.mark.parametrize("k, tile", ACTQUANT_TILES)
-    def test_actquant_writes_dequantized_activations(k, tile):
+    @pytest.mark.parametrize("tile", ACTQUANT_TILES)
+    def test_actquant_writes_dequantized_activations(tile):
         """``dequant_dtype``: the format's dequantized activations, exactly in fp32 (in bf16 up to the
         interpreter's truncating conversion)."""
-        idx = split_region_index(ACTQUANT_SPLITS[k], k, 32)
-        x = hard_activations(9, torch.bfloat16, k)
+        idx = split_region_index(SPLITS, K, 32)
+        x = hard_activations(9, torch.bfloat16)
         ref = dequantize_activations(quantize_activations(x, 2, idx), torch.float32)
         xd, ts = launch_actquant(x, idx, 2, dequant_dtype=torch.float32, tile=tile)
         assert xd.dtype == torch.float32 and torch.equal(xd, ref)
         assert torch.equal(ts * 0.25, quantize_activations(x, 2, idx).token_scale)
         xd, _ = launch_actquant(x, idx, 2, dequant_dtype=torch.bfloat16, tile=tile)
         assert xd.dtype == torch.bfloat16 and torch.allclose(xd.float(), ref, rtol=2**-7, atol=0)
-
-    @pytest.mark.parametrize("max_pieces, min_piece", [(4, 8), (3, 8), (2, 8), (4, 1), (1, 8)])
-    def test_actquant_row_pieces(max_pieces, min_piece):
-        """Powers of two, largest first, at most ``max_pieces``, covering the row and running past it by less
-        than the last piece; exact where the row's binary expansion allows it."""
-        for groups in range(1, 2049):
-            pieces = row_pieces(groups, max_pieces, min_piece)
-            assert all(p & (p - 1) == 0 for p in pieces) and list(pieces) == sorted(pieces, reverse=True)
-            assert 1 <= len(pieces) <= max_pieces and groups <= sum(pieces) < groups + pieces[-1]
-            bits = [1 << i for i in range(groups.bit_length()) if groups >> i & 1]
-            if len(bits) <= max_pieces and min(bits) >= min(min_piece, groups):
-                assert sum(pieces) == groups
-        assert [row_pieces(g) for g in (344, 448, 896, 132, 15, 256)] == [
-            (256, 64, 16, 8), (256, 128, 64), (512, 256, 128), (128, 4), (8, 8), (256,)]
-        with pytest.raises(ValueError, match="cover"):
-            launch_actquant(torch.zeros(2, K_ODD), None, 2, tile=ActQuantTile(8, 4, pieces=(8, 4, 1)))
-        with pytest.raises(ValueError, match="powers of two"):
-            ActQuantTile(8, 4, pieces=(8, 6))
 
     @pytest.mark.parametrize("bits, act_bits", [(2, 2), (4, 4), (3, 8)])
     @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (6, Config("gemm", 16, 16, 32, split_k=2))])
