@@ -138,7 +138,8 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``: the half2 GEMV's tiles
-    (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest."""
+    (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest
+    (split-K up to 512 tokens) and the dense path from 65 tokens."""
     h2 = []
     if m <= 4 and bits in (2, 4):
         bm = m if m <= 2 else 4
@@ -153,12 +154,19 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
                 for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))] + h2
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
-        return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
-                 for bn in (32, 64, 128) for bk in (128, 256) for s in (4, 8, 16, 32)]
-                + [Config("gemm", bm, 128, 128, split_k=s, num_warps=8, num_stages=3) for s in (4, 8, 16)] + h2)
+        tiles = ([Config("gemm_t", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
+                  for bn in (32, 64, 128) for bk in (128, 256) for s in (4, 8, 16, 32)]
+                 + [Config("gemm_t", bm, 128, 128, split_k=s, num_warps=8, num_stages=3) for s in (4, 8, 16)])
+        if m > 32:  # x @ W^T on 64-row tiles (docs/results/gemm-ab-h200.json: wins at 64 tokens only)
+            tiles += [Config("gemm", 64, bn, 128, split_k=s, num_warps=4, num_stages=3) for bn in (64, 128)
+                      for s in (4, 8, 16)]
+        return tiles + h2
+    if m <= 512:  # one or two 128-row tiles: split-K keeps every SM busy
+        return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
+                 for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)]
+                + [Config("dense", 0, bn, bk, num_warps=4) for bn, bk in ((64, 64), (32, 128))])
     return ([Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
-             for bm, bn, bk, w in ((64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8), (256, 128, 64, 8))
-             if bm <= max(64, m)]
+             for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8))]
             + [Config("dense", 0, bn, bk, num_warps=4) for bn, bk in ((64, 64), (32, 128))])
 
 

@@ -114,22 +114,29 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     A GEMV (:func:`gemv_tile`) for one or two tokens, and for three or four at 2 and 4 bits (split
     along K for about three programs per SM; the fp32 GEMV measured 0.45x of bf16 at M = 4 on the
     H200, its 4-token tiles spill or shuffle, so other widths take the tiles there); split-K
-    tensor-core tiles up to 64 tokens with enough programs for two per SM; the fused
-    tensor-core GEMM at 65..127 tokens; dequantize-then-cuBLAS from 128 tokens, where the GEMM
-    is compute-bound.
+    ``W @ x^T`` tiles up to 32 tokens with enough programs for two per SM; ``x @ W^T`` on 64-row
+    tiles at 33..64 tokens (split 4, 8 for K more than twice N) and on 128 x 128 tiles at 65..128
+    (split-K while the tiles fill at most half the SMs); dequantize-then-cuBLAS from 129 tokens, where
+    the GEMM is compute-bound.
     """
     sms = 132
     if m <= 2 or (m <= 4 and bits in (2, 4)):
         kernel, bm, bn, bg, warps = gemv_tile(bits, m)
         return Config(kernel, bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
-    if m <= 64:
-        bm = 16 if m <= 16 else (32 if m <= 32 else 64)
+    if m <= 32:
+        bm = 16 if m <= 16 else 32
         split = 1
         while triton.cdiv(n, 64) * split < 2 * sms and kq // (128 * split) >= 4 and split < 32:
             split *= 2
         return Config("gemm_t", bm, 64, 128, split_k=split, num_warps=4, num_stages=3)
-    if m < 128:
-        return Config("gemm_t", 64, 128, 64, num_warps=4, num_stages=3)
+    if m <= 64:
+        bn = 128 if n * kq >= 8192 * 8192 or kq > n else 64
+        return Config("gemm", 64, bn, 128, split_k=8 if kq > 2 * n else 4, num_warps=4, num_stages=3)
+    if m <= 128:
+        split = 1
+        while triton.cdiv(n, 128) * split <= sms // 2 and kq // (128 * split) >= 8:
+            split *= 2
+        return Config("gemm", 128, 128, 128, split_k=split, num_warps=8, num_stages=3)
     return Config("dense", 0, 32, 128, num_warps=4) if m <= 256 else Config("dense", 0, 64, 64, num_warps=4)
 
 

@@ -55,7 +55,7 @@ def check_wa16(layer, m: int, dtype: torch.dtype, g: torch.Generator) -> None:
 
 
 @pytest.mark.parametrize("k, n", SHAPES)
-@pytest.mark.parametrize("bits, dtype, ms", [(2, torch.bfloat16, MS), (4, torch.float16, [1, 2, 3, 16, 64, 1024]),
+@pytest.mark.parametrize("bits, dtype, ms", [(2, torch.bfloat16, MS), (4, torch.float16, [1, 2, 3, 16, 64, 128, 1024]),
                                              (3, torch.bfloat16, [1, 16, 1024]), (8, torch.bfloat16, [1, 16, 1024])])
 def test_wa16_every_shape(k, n, bits, dtype, ms):
     layer = make_layer(k, n, bits, gen(k, n, bits))
