@@ -116,8 +116,8 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             acc = tl.dot(a, tl.trans(w), acc)
         else:
             acc = tl.dot(w, tl.trans(a), acc)
-    finish(acc if X_FIRST else tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, pid_m * num_n + pid_n,
-           pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
+    finish(acc if X_FIRST else tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr,
+           cnt_ptr, pid_m * num_n + pid_n, pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Offline SASS instruction count of the GEMV kernels: compile for sm_90 without a GPU, count the main loop.
+"""Offline SASS instruction count of the GEMV and tile kernels: compile for sm_90 without a GPU, count the main loop.
 
 The kernel arguments come from the real dispatch (``kernels.triton_ops.launch_linear`` on CPU
 tensors, with the kernel replaced by a recorder), so the compiled variant is specialized as it
@@ -6,13 +6,14 @@ would be on the GPU (alignment, the values Triton folds); it is then compiled wi
 ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (the bundled ptxas) and disassembled with
 the bundled ``cuobjdump``. The main loop is the largest backward-branch loop
 (``kernels.bench._loop_mix``); ``per code`` divides its length by the codes one thread
-dequantizes per iteration (``UNROLL`` steps of ``BG * 32`` codes of ``BN / (32 * warps)``
-columns, per token).
+dequantizes per iteration (GEMV: ``UNROLL`` steps of ``BG * 32`` codes of ``BN / (32 * warps)``
+columns, per token; tiles ``gemm``/``gemm_t``, where ``--tile`` is ``BN,BK,WARPS``: ``BN * BK / (32 * warps)``).
 
 Must run without ``TRITON_INTERPRET`` (the half2 kernel's inline PTX is off under the interpreter).
 
 ``.venv/bin/python scripts/sass_count.py`` (the default W2 variants) or, e.g.,
 ``.venv/bin/python scripts/sass_count.py --kernel gemv_h2 --bits 2 --m 2 --tile 512,1,4 --dump /tmp/h2.sass``
+or ``--kernel gemm_t --m 16 --tile 64,128,4`` (a tensor-core tile, 3 pipeline stages).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ from kernels.ops import pack_linear  # noqa: E402
 from kernels.triton_ops import Config, launch_linear  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
-KERNELS = {"gemv": "gemv_kernel", "gemv_h2": "gemv_h2_kernel", "gemm": "gemm_kernel", "gemm_t": "gemm_kernel"}  # Config.kernel -> attribute of triton_ops
+# Config.kernel -> attribute of triton_ops
+KERNELS = {"gemv": "gemv_kernel", "gemv_h2": "gemv_h2_kernel", "gemm": "gemm_kernel", "gemm_t": "gemm_kernel"}
 # (kernel, bits, M, (BN, groups per step, warps), steps per loop iteration): the W2 tiles of the H200 A/B
 DEFAULT = [(kernel, 2, m, tile, unroll) for kernel, unroll in (("gemv_h2", 1), ("gemv_h2", 2))
            for m, tile in ((1, (512, 2, 4)), (1, (256, 2, 2)), (2, (512, 1, 4)), (2, (512, 2, 4)))]

@@ -126,7 +126,8 @@ else:
         assert xd.dtype == torch.bfloat16 and torch.allclose(xd.float(), ref, rtol=2**-7, atol=0)
 
     @pytest.mark.parametrize("bits, act_bits", [(2, 2), (4, 4), (3, 8)])
-    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (6, Config("gemm", 16, 16, 32, split_k=2))])
+    @pytest.mark.parametrize("m, cfg", [(1, Config("gemv", 1, 8, 2)), (6, Config("gemm", 16, 16, 32, split_k=2)),
+                                        (6, Config("gemm_t", 16, 16, 32, split_k=2))])
     def test_linear_wa_matches_reference(bits, act_bits, m, cfg):
         lay = layer(bits, seed=10 + bits)
         x = torch.randn(m, K, dtype=torch.bfloat16)
