@@ -53,6 +53,10 @@ class Config:
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
     experimental; block_k is one group, 32; only through :func:`launch_linear_wa`).
+
+    ``n_slices`` (``"dense"`` only): dequantize and multiply the weight in that many slices of output
+    columns through one reusable buffer, so that a slice's dense copy can stay in L2 between its write and
+    cuBLAS's read instead of going to HBM and back.
     """
 
     kernel: str
@@ -63,6 +67,7 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+    n_slices: int = 1
 
 
 def _load_table() -> dict[str, Config]:
@@ -242,23 +247,40 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     return y
 
 
-def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
-                  in_features, cfg, y):
-    """``y = x_expanded @ W_b^T`` through a transient dense copy of the weight (in ``y``'s dtype) and cuBLAS."""
+def dequant_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, row_scale: torch.Tensor,
+                   bits: int, master_bits: int, cfg: Config, out: torch.Tensor) -> torch.Tensor:
+    """The dense b-bit weight ``out [N, Kq] = W_b`` (row scale included, in ``out``'s dtype) of a packed layer
+    (or of a slice of its rows: the operands are views), with :func:`kernels.triton_gemm.dequant_kernel`."""
     n, g = scales.shape
     kq = g * GROUP_SIZE
-    mult = 2 ** (master_bits - bits)
-    w = torch.empty(n, kq, dtype=y.dtype, device=x.device)
     r1, r2, consts = weight_args(bits, master_bits, kq)
     su8 = scales.view(torch.uint8)
     dequant_kernel[(triton.cdiv(n, cfg.block_n), triton.cdiv(kq, cfg.block_k))](
-        packed, su8, zeros, row_scale, w, n, kq, packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0),
-        r1, r2, MAGIC_BITS, **consts, COL_MULT=256.0 * mult, BN=cfg.block_n, BK=cfg.block_k, num_warps=cfg.num_warps)
+        packed, su8, zeros, row_scale, out, n, kq, packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0),
+        r1, r2, MAGIC_BITS, **consts, COL_MULT=256.0 * 2 ** (master_bits - bits), BN=cfg.block_n, BK=cfg.block_k,
+        num_warps=cfg.num_warps)
+    return out
+
+
+def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+                  in_features, cfg, y):
+    """``y = x_expanded @ W_b^T`` through a transient dense copy of the weight (in ``y``'s dtype) and cuBLAS,
+    ``cfg.n_slices`` slices of output columns at a time (one buffer of a slice's size)."""
+    n, g = scales.shape
+    kq = g * GROUP_SIZE
+    width = triton.cdiv(triton.cdiv(n, cfg.n_slices), cfg.block_n) * cfg.block_n
+    w = torch.empty(min(width, n), kq, dtype=y.dtype, device=x.device)
     xe = x if token_scale is None else x.float() * token_scale[:, None]
     xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != kq else xe).to(y.dtype)
-    if bias is None:
-        return torch.mm(xe, w.T, out=y)
-    return torch.addmm(bias.to(y.dtype), xe, w.T, out=y)
+    for n0 in range(0, n, width):
+        cols = slice(n0, min(n, n0 + width))
+        ws = dequant_weight(packed[cols], scales[cols], zeros[cols], row_scale[cols], bits, master_bits, cfg,
+                            w[: cols.stop - n0])
+        if bias is None:
+            torch.mm(xe, ws.T, out=y[:, cols])
+        else:
+            torch.addmm(bias[cols].to(y.dtype), xe, ws.T, out=y[:, cols])
+    return y
 
 
 @dataclass(frozen=True)

@@ -83,23 +83,25 @@ def launching(kernel):
         triton_ops.gemv_h2_kernel = saved
 
 
-def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool) -> list[Config]:
+def h2_grid(bits: int, m: int, n: int, kq: int, wide: bool, tiles: list[tuple[int, int, int]] | None = None,
+            split_mults: list[int] | None = None) -> list[Config]:
     """``gemv_h2`` configurations to time; the first is the one the correctness sweep uses.
 
-    Tiles ``(BN, groups per step, warps)`` keep one column group of 4 words per thread
-    (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the first H200
-    A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split``, and twice that if ``wide``.
+    Tiles ``(BN, groups per step, warps)`` (``tiles`` overrides them) by default keep one column group of
+    4 words per thread (``BN = 128 * warps``), like the current GEMV: the two that won somewhere on the
+    first H200 A/B (docs/results/gemv-h2-ab-h200.json); split-K from ``gemv_split`` times each of
+    ``split_mults`` (default: 1, and also 2 if ``wide``).
     (Tiles with more warps than their columns fill lost everywhere: docs/results/gemv-h2-ab4-h200.json.)
     """
-    if m == 1:
+    if tiles is None and m == 1:
         tiles = [(512, 2, 4), (256, 2, 2)] if bits == 2 else [(512, 2, 4), (512, 1, 4)]
-    else:
+    elif tiles is None:
         tiles = [(512, 2, 4), (512, 1, 4)] if bits == 2 else [(512, 1, 4), (256, 1, 2)]
     out = []
     for bn, bg, w in tiles:
         split = gemv_split(n, kq, bn, bg)
-        out += [Config("gemv_h2", triton.next_power_of_2(m), bn, bg, split_k=s, num_warps=w)
-                for s in ((split, 2 * split) if wide else (split,))]
+        out += [Config("gemv_h2", triton.next_power_of_2(m), bn, bg, split_k=s * split, num_warps=w)
+                for s in (split_mults or ((1, 2) if wide else (1,)))]
     return out
 
 
@@ -165,8 +167,9 @@ def correctness(k: int, n: int, bits: int, device: str, variants: dict, ms: list
     return recs
 
 
-def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict,
-           ms: list[int]) -> tuple[list[dict], list[dict]]:
+def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict, ms: list[int],
+           tiles: list[tuple[int, int, int]] | None = None,
+           split_mults: list[int] | None = None) -> tuple[list[dict], list[dict]]:
     """Time bf16, the current kernel and every half2 variant's grid at each M (bf16 inputs); each config checked once."""
     from kernels.bench import copies_for, graph_time_us, make_layers, packed_bytes, time_kernel
 
@@ -195,7 +198,7 @@ def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict,
         record("current", choose_config(bits, m, n, k), time_kernel(layers, x, None, None))
         for name, kernel in variants.items():
             with launching(kernel):
-                for cfg in h2_grid(bits, m, n, k, wide):
+                for cfg in h2_grid(bits, m, n, k, wide, tiles, split_mults):
                     chk = check(layers[0], k, n, m, "bf16", False, cfg, "cuda", name)
                     checks.append(chk)
                     if not chk["ok"]:
@@ -250,6 +253,10 @@ def main() -> None:
                     help="token counts (default 1,2; the half2 kernel holds M <= 4 tokens per program). Under the "
                          "interpreter, 'current' at M >= 3 with bf16 runs the tensor-core tiles, whose bf16 tl.dot "
                          "Triton 3.9's interpreter computes wrongly (the test suite patches that; this script does not)")
+    ap.add_argument("--tiles", type=lambda s: [tuple(int(v) for v in t.split("x")) for t in s.split(",")],
+                    help="timed half2 tiles BNxBGxWARPS, comma-separated (default: two per bits and M, see h2_grid)")
+    ap.add_argument("--split-mults", type=lambda s: [int(v) for v in s.split(",")],
+                    help="time each tile at gemv_split times each of these (default: 1, and 2 on the wide shapes)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes, correctness only (CPU interpreter)")
     args = ap.parse_args()
     smoke = args.smoke or not torch.cuda.is_available()
@@ -272,7 +279,8 @@ def main() -> None:
         for bits in args.bits:
             result["correctness"] += correctness(k, n, bits, device, variants, args.ms)
             if not smoke:
-                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw, variants, args.ms)
+                recs, checks = timing(k, n, bits, bits == 2 and i < args.wide_shapes, bw, variants, args.ms,
+                                     args.tiles, args.split_mults)
                 result["timing"] += recs
                 result["timing_checks"] += checks
             args.out.write_text(json.dumps(result, indent=1) + "\n")

@@ -153,21 +153,23 @@ else:
         assert fy.shape == (7, lay.out_features) and fy.dtype == torch.bfloat16
         assert fq.shape == (7, 128) and fq.dtype == torch.float16 and fts.shape == (7,)
 
-    @pytest.mark.parametrize("bits", [2, 3])
-    def test_dense_path_matches_reference(bits):
-        lay = layer(bits, seed=20 + bits)
+    @pytest.mark.parametrize("bits,slices", [(2, 1), (3, 1), (2, 3)])
+    def test_dense_path_matches_reference(bits, slices):
+        """Dequantize-then-matmul, whole or in column slices (the last one partial), with bias and on quantized
+        activations."""
+        lay = layer(bits, n=40, seed=20 + bits)
+        dense = Config("dense", 0, 16, 32, n_slices=slices)  # 3 slices: 16, 16, 8 columns
         x = torch.randn(3, K, dtype=torch.float16)
         bias = torch.randn(lay.out_features, dtype=torch.float16)
         ref = linear_wa16(x.double(), lay.to_quantized_weight(), bits, bias=bias.double())
-        assert rel_err(run(x, lay, Config("dense", 0, 16, 32), torch.float16, bias=bias), ref) < TOL[torch.float16]
+        assert rel_err(run(x, lay, dense, torch.float16, bias=bias), ref) < TOL[torch.float16]
         xq, ts = launch_actquant(x, lay.split_index, 4)
-        out = run(xq, lay, Config("dense", 0, 16, 32), torch.float16, token_scale=ts, split=False,
-                  in_features=xq.shape[1])
+        out = run(xq, lay, dense, torch.float16, token_scale=ts, split=False, in_features=xq.shape[1])
         ref = linear_wa(x.double(), lay.to_quantized_weight(), bits, 4, bias=bias.double())
         assert rel_err(out + bias, ref) < TOL[torch.float16]
         # W{b}A{a} in one call: the quantizer writes dequantized activations for cuBLAS
         out = launch_linear_wa(x, lay.packed, lay.scales, lay.zeros, lay.row_scale, lay.split_index, bias, bits,
-                               lay.master_bits, 4, torch.float16, Config("dense", 0, 16, 32))
+                               lay.master_bits, 4, torch.float16, dense)
         assert rel_err(out, ref) < TOL[torch.float16]
 
     class Unrolled:
