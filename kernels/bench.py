@@ -3,7 +3,8 @@
 For every Llama linear shape (K x N) and token count M it times, in the same run, the bitbybit
 kernels and ``torch.nn.functional.linear`` in bf16, each as CUDA-graph replays of one call per
 weight copy; the copies are rotated (enough of them to exceed the L2 several times) so no
-kernel reads its weights from cache. Bandwidth is reported as a percentage of a device-to-device
+kernel reads its weights from cache, and the trials of bf16 and of every kernel at one (shape, M)
+alternate, so all of them run under the same clocks (:func:`graph_times_us`). Bandwidth is reported as a percentage of a device-to-device
 copy measured in the same run, counting the bytes the op must move (packed weights, scales,
 zero points and row scales, activations in, output out).
 
@@ -37,7 +38,7 @@ from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
 from .triton_mma import mma_kernel
-from .triton_ops import (TABLE, Config, choose_config, gemv_split, gemv_tile, launch_actquant, launch_linear,
+from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_split, launch_actquant, launch_linear,
                           launch_linear_wa, mma8_config, save_table, table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
@@ -47,39 +48,57 @@ KERNELS = ["w2a16", "w4a16", "w3a16", "w8a16", "w2a2", "w4a4", "actquant2"]
 QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_MS = [1, 16, 64, 1024]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
-# (BN, groups per step, warps) of the half2 GEMV that --tune tries for 2/4-bit weights at M <= 4
-H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4)]
+# (BN, groups per step, warps) of the half2 GEMV that --tune tries for 2/4-bit weights at M <= 4; the one-warp
+# tiles took 1-20 % less time than (256, 2, 2) at M = 1, 2 in scripts/gemv_ab.py (docs/results/gemv-tiles-ab-h200.json)
+H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4), (128, 2, 1), (128, 1, 1), (64, 2, 1)]
 
 
-def graph_time_us(calls: list, trials: int = 7, min_ms: float = 20.0) -> float:
-    """Median time per call (µs) of CUDA-graph replays of ``calls`` (run once each, in order)."""
+def graph_times_us(call_lists: list[list], trials: int = 7, min_ms: float = 20.0) -> list[float]:
+    """Median time per call (µs) of CUDA-graph replays of each list of ``calls`` (run once each, in order).
+
+    One graph per list; the trials take the graphs in turn (each replayed for at least ``min_ms``), so
+    that every list is timed under the same clocks and temperature: a compute-bound kernel timed right
+    after a long one otherwise runs on a hotter, power-capped GPU.
+    """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for f in calls:  # warm up: compile, allocate, fill the counters
-            f()
+        for calls in call_lists:
+            for f in calls:  # warm up: compile, allocate, fill the counters
+                f()
     torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for f in calls:
-            f()
-    graph.replay()
-    torch.cuda.synchronize()
+    graphs = []
+    for calls in call_lists:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for f in calls:
+                f()
+        graphs.append(graph)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3)))
-    times = []
-    for _ in range(trials):
+    reps = []
+    for graph in graphs:
+        graph.replay()
+        torch.cuda.synchronize()
         start.record()
-        for _ in range(reps):
-            graph.replay()
+        graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / (reps * len(calls)))
-    return statistics.median(times)
+        reps.append(max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3))))
+    times = [[] for _ in graphs]
+    for _ in range(trials):
+        for graph, n, calls, out in zip(graphs, reps, call_lists, times):
+            start.record()
+            for _ in range(n):
+                graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            out.append(start.elapsed_time(end) * 1e3 / (n * len(calls)))
+    return [statistics.median(t) for t in times]
+
+
+def graph_time_us(calls: list, trials: int = 7, min_ms: float = 20.0) -> float:
+    """Median time per call (µs) of CUDA-graph replays of ``calls`` (:func:`graph_times_us` of one list)."""
+    return graph_times_us([calls], trials, min_ms)[0]
 
 
 def copy_bandwidth() -> float:
@@ -130,10 +149,16 @@ def linear_call(layer: PackedLinear, x: torch.Tensor, out: torch.Tensor, cfg: Co
                                     layer.bits, 8, act_bits, x.dtype, cfg, out, rescale)
 
 
+def kernel_calls(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None, act_bits: int | None,
+                 rescale: bool = True) -> list:
+    """One linear call per weight copy (into one shared output), for :func:`graph_times_us`."""
+    out = torch.empty(x.shape[0], layers[0].out_features, dtype=x.dtype, device="cuda")
+    return [linear_call(layer, x, out, cfg, act_bits, rescale) for layer in layers]
+
+
 def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None, act_bits: int | None,
                 rescale: bool = True, **timing) -> float:
-    out = torch.empty(x.shape[0], layers[0].out_features, dtype=x.dtype, device="cuda")
-    return graph_time_us([linear_call(layer, x, out, cfg, act_bits, rescale) for layer in layers], **timing)
+    return graph_time_us(kernel_calls(layers, x, cfg, act_bits, rescale), **timing)
 
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
@@ -146,7 +171,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
         h2 = [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
               for bn, bg, w in H2_TILES for s in (1, 2)]
     if m <= 2:
-        _, bm, bn, bg, w = gemv_tile(bits, m)
+        bm, bn, bg, w = fp32_gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
             tiles.append((bn, 3 - bg, w))
@@ -164,10 +189,10 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     if m <= 512:  # one or two 128-row tiles: split-K keeps every SM busy
         return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
                  for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)]
-                + [Config("dense", 0, bn, bk, num_warps=4) for bn, bk in ((64, 64), (32, 128))])
+                + [Config("dense", 0, 64, 128, num_warps=4)])
     return ([Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
              for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8))]
-            + [Config("dense", 0, bn, bk, num_warps=4) for bn, bk in ((64, 64), (32, 128))])
+            + [Config("dense", 0, 64, 128, num_warps=4)])
 
 
 def tune(shapes, ms, bits_list, budget_s: float) -> None:
@@ -178,7 +203,7 @@ def tune(shapes, ms, bits_list, budget_s: float) -> None:
             layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
             for m in ms:
                 if time.monotonic() > t_end:
-                    print(f"tuning budget spent; {table_key(bits, k, n, m)} and later keep the default rule")
+                    print(f"tuning budget spent; {table_key(bits, k, n, m)} and later keep their table entry or the rule")
                     return
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 timed = []
@@ -205,20 +230,25 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16])
             io = 2 * m * k + 2 * m * n
+            calls = {"bf16": [lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16]}
+            moved = {}  # kernel -> (bytes it must move, configuration)
             for name in kernels:
                 if name.startswith("actquant"):
                     bits = int(name[len("actquant"):])
                     xs = [x] + [torch.randn_like(x) for _ in range(copies_for(2 * m * k) - 1)]
-                    us = graph_time_us([lambda xi=xi: launch_actquant(xi, None, bits) for xi in xs])
-                    nbytes, cfg = 2 * m * k + 2 * m * k + 4 * m, None
+                    calls[name] = [lambda xi=xi, bits=bits: launch_actquant(xi, None, bits) for xi in xs]
+                    moved[name] = (2 * m * k + 2 * m * k + 4 * m, None)
                 else:
                     wb, ab, variant = re.fullmatch(r"w(\d)a(\d+)(-mma|-mma-norescale)?", name).groups()
                     wb, act = int(wb), None if ab == "16" else int(ab)
                     cfg = mma8_config(m, n, k) if variant else None
-                    us = time_kernel(layers[wb], x, cfg, act, rescale=variant != "-mma-norescale")
-                    nbytes, cfg = packed_bytes(layers[wb][0]) + io, cfg or choose_config(wb, m, n, k)
+                    calls[name] = kernel_calls(layers[wb], x, cfg, act, rescale=variant != "-mma-norescale")
+                    moved[name] = (packed_bytes(layers[wb][0]) + io, cfg or choose_config(wb, m, n, k))
+            times = dict(zip(calls, graph_times_us(list(calls.values()))))
+            bf16_us = times["bf16"]
+            for name in kernels:
+                us, (nbytes, cfg) = times[name], moved[name]
                 rec = dict(kernel=name, K=k, N=n, M=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
                            speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),
                            config=None if cfg is None else cfg.__dict__)

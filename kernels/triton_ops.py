@@ -53,10 +53,6 @@ class Config:
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
     experimental; block_k is one group, 32; only through :func:`launch_linear_wa`).
-
-    ``n_slices`` (``"dense"`` only): dequantize and multiply the weight in that many slices of output
-    columns through one reusable buffer, so that a slice's dense copy can stay in L2 between its write and
-    cuBLAS's read instead of going to HBM and back.
     """
 
     kernel: str
@@ -67,7 +63,6 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
-    n_slices: int = 1
 
 
 def _load_table() -> dict[str, Config]:
@@ -88,29 +83,36 @@ def table_key(bits: int, kq: int, n: int, m: int) -> str:
     return f"w{bits}:{kq}x{n}:m{m_bucket(m)}"
 
 
-def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132) -> int:
-    """Split-K for the GEMV: about three programs per SM, each with at least four steps of ``block_g`` groups."""
+def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132, warps: int = 2) -> int:
+    """Split-K for the GEMV: about three programs per SM (six of one warp: the tuned split of the one-warp
+    tiles), each with at least four steps of ``block_g`` groups."""
     split = 1
-    while triton.cdiv(n, block_n) * split < 3 * sms and kq // 32 >= 8 * block_g * split and split < 64:
+    per_sm = 6 if warps == 1 else 3
+    while triton.cdiv(n, block_n) * split < per_sm * sms and kq // 32 >= 8 * block_g * split and split < 64:
         split *= 2
     return split
+
+
+def fp32_gemv_tile(bits: int, m: int) -> tuple[int, int, int, int]:
+    """``(block_m, block_n, groups per step, warps)`` of the fp32-accumulating GEMV (M <= 2)."""
+    return (1, 512, 2 if bits <= 3 else 1, 4) if m == 1 else (2, 512, 1, 4)
 
 
 def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
     """``(kernel, block_m, block_n, groups per step, warps)`` of the GEMV for M <= 4 tokens.
 
-    As measured best on the H200 (docs/results/gemv-h2-ab4-h200.json, W2/W4 at M = 1, 2, 4 on four
-    shapes): the half2 GEMV for 2-bit weights up to 4 tokens (8-18 % faster than the fp32 GEMV at
-    M = 1, 2 and 9-20 % faster than the tensor-core tiles at M = 4) and for 4-bit ones at 3..4 tokens
-    (up to 28 % faster than the tiles); the fp32-accumulating GEMV for the rest (M <= 2). A half2 tile
-    given fp32 inputs runs the fp32 GEMV on the same tile (:func:`launch_linear`).
+    As measured best on the H200: the half2 GEMV for 2- and 4-bit weights (docs/results/gemv-h2-ab4-h200.json:
+    8-18 % faster than the fp32 GEMV at M = 1, 2 and 9-28 % faster than the tensor-core tiles at M = 4),
+    with the tiles that won most of the eight tuned shapes (session 8, one-warp tiles for W2 at 2..4
+    tokens); the fp32-accumulating GEMV for the other widths (M <= 2). A half2 tile given fp32 inputs
+    runs the fp32 GEMV on the same tile (:func:`launch_linear`).
     """
     bm = 1 if m == 1 else (2 if m == 2 else 4)
     if bits == 2:
-        return ("gemv_h2", 1, 256, 2, 2) if m == 1 else ("gemv_h2", bm, 512, 1, 4)
-    if m > 2:
-        return "gemv_h2", bm, 256, 1, 2
-    return ("gemv", 1, 512, 2 if bits <= 3 else 1, 4) if m == 1 else ("gemv", 2, 512, 1, 4)
+        return ("gemv_h2", bm) + ((256, 2, 2) if m == 1 else (128, 2, 1) if m == 2 else (128, 1, 1))
+    if bits == 4:
+        return ("gemv_h2", bm) + ((256, 2, 2) if m <= 2 else (256, 1, 2))
+    return ("gemv",) + fp32_gemv_tile(bits, m)
 
 
 def default_config(bits: int, m: int, n: int, kq: int) -> Config:
@@ -127,7 +129,7 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     sms = 132
     if m <= 2 or (m <= 4 and bits in (2, 4)):
         kernel, bm, bn, bg, warps = gemv_tile(bits, m)
-        return Config(kernel, bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms), num_warps=warps)
+        return Config(kernel, bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms, warps), num_warps=warps)
     if m <= 32:
         bm = 16 if m <= 16 else 32
         split = 1
@@ -142,7 +144,7 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
         while triton.cdiv(n, 128) * split <= sms // 2 and kq // (128 * split) >= 8:
             split *= 2
         return Config("gemm", 128, 128, 128, split_k=split, num_warps=8, num_stages=3)
-    return Config("dense", 0, 32, 128, num_warps=4) if m <= 256 else Config("dense", 0, 64, 64, num_warps=4)
+    return Config("dense", 0, 64, 128, num_warps=4)
 
 
 def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
@@ -249,8 +251,8 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
 
 def dequant_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, row_scale: torch.Tensor,
                    bits: int, master_bits: int, cfg: Config, out: torch.Tensor) -> torch.Tensor:
-    """The dense b-bit weight ``out [N, Kq] = W_b`` (row scale included, in ``out``'s dtype) of a packed layer
-    (or of a slice of its rows: the operands are views), with :func:`kernels.triton_gemm.dequant_kernel`."""
+    """The dense b-bit weight ``out [N, Kq] = W_b`` (row scale included, in ``out``'s dtype) of a packed layer,
+    with :func:`kernels.triton_gemm.dequant_kernel`."""
     n, g = scales.shape
     kq = g * GROUP_SIZE
     r1, r2, consts = weight_args(bits, master_bits, kq)
@@ -264,23 +266,15 @@ def dequant_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                   in_features, cfg, y):
-    """``y = x_expanded @ W_b^T`` through a transient dense copy of the weight (in ``y``'s dtype) and cuBLAS,
-    ``cfg.n_slices`` slices of output columns at a time (one buffer of a slice's size)."""
+    """``y = x_expanded @ W_b^T`` through a transient dense copy of the weight (in ``y``'s dtype) and cuBLAS."""
     n, g = scales.shape
-    kq = g * GROUP_SIZE
-    width = triton.cdiv(triton.cdiv(n, cfg.n_slices), cfg.block_n) * cfg.block_n
-    w = torch.empty(min(width, n), kq, dtype=y.dtype, device=x.device)
+    w = dequant_weight(packed, scales, zeros, row_scale, bits, master_bits, cfg,
+                       torch.empty(n, g * GROUP_SIZE, dtype=y.dtype, device=x.device))
     xe = x if token_scale is None else x.float() * token_scale[:, None]
-    xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != kq else xe).to(y.dtype)
-    for n0 in range(0, n, width):
-        cols = slice(n0, min(n, n0 + width))
-        ws = dequant_weight(packed[cols], scales[cols], zeros[cols], row_scale[cols], bits, master_bits, cfg,
-                            w[: cols.stop - n0])
-        if bias is None:
-            torch.mm(xe, ws.T, out=y[:, cols])
-        else:
-            torch.addmm(bias[cols].to(y.dtype), xe, ws.T, out=y[:, cols])
-    return y
+    xe = (expand_input(xe, split_index, GROUP_SIZE) if xe.shape[1] != w.shape[1] else xe).to(y.dtype)
+    if bias is None:
+        return torch.mm(xe, w.T, out=y)
+    return torch.addmm(bias.to(y.dtype), xe, w.T, out=y)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """A/B of the dense path of many tokens (dequantize to a transient bf16 copy, then cuBLAS) on a CUDA GPU.
 
 For every shape (K x N) and token count M it times, as ``kernels.bench`` times (CUDA-graph replays
-over enough weight copies that L2 does not help):
+over enough weight copies that L2 does not help; per M all of the following in turn, trial by trial):
 
 * ``bf16``: ``F.linear`` on bf16 weights (the baseline of every ratio);
 * ``cublas_dq``: ``torch.mm`` on weights that are already dequantized (the same values the dense
@@ -10,10 +10,12 @@ over enough weight copies that L2 does not help):
 * ``dequant``: the dequantization kernel alone (:func:`kernels.triton_ops.dequant_weight`) per tile
   (``--tiles``), with its bandwidth as a percentage of a copy measured in the same run (bytes: the
   packed weight, scales, zeros and row scales read, the bf16 copy written);
-* ``current`` (the configuration the dispatch picks) and the whole dense path per tile and per number
-  of column slices (``Config.n_slices``: dequantize and multiply a slice of output columns at a time,
-  so that a slice's copy can stay in L2), every one first checked against the float64 reference op
-  (``kernels.reference.linear_wa16``) into a NaN-poisoned output (``rel_err`` <= 1e-2).
+* ``current`` (the configuration the dispatch picks) and the whole dense path per tile, every one
+  first checked against the float64 reference op (``kernels.reference.linear_wa16``) into a
+  NaN-poisoned output (``rel_err`` <= 1e-2).
+
+(Commit ``d2fef1f`` of this script also timed the dense path in slices of output columns through one
+reusable buffer, so that a slice's copy could stay in L2: no gain on the H200, docs/BENCHMARKS.md.)
 
 Writes JSON records to ``--out`` after every shape; exits 1 if a correctness check failed.
 
@@ -32,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.bench import copies_for, copy_bandwidth, graph_time_us, make_layers, packed_bytes, parse_shapes  # noqa: E402
-from kernels.bench import time_kernel  # noqa: E402
+from kernels.bench import (copies_for, copy_bandwidth, graph_time_us, graph_times_us, kernel_calls,  # noqa: E402
+                           make_layers, packed_bytes, parse_shapes)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.triton_ops import Config, choose_config, dequant_weight  # noqa: E402
 from gemm_ab import MAX_ERR, rel_err  # noqa: E402  (this script's folder is on sys.path when it runs)
@@ -41,7 +43,6 @@ from gemm_ab import MAX_ERR, rel_err  # noqa: E402  (this script's folder is on 
 SHAPES = "8192x8192,4096x14336,14336x4096,28672x8192"
 MS = "256,1024,4096"
 TILES = "64x64x4,32x128x4,64x128x4,128x64x4,128x128x8,32x256x4,64x256x8"
-SLICES = "2,4,8"
 
 
 def parse_tiles(text: str) -> list[Config]:
@@ -56,8 +57,6 @@ def main() -> None:
     ap.add_argument("--ms", default=MS, help="token counts, comma-separated (default %(default)s)")
     ap.add_argument("--tiles", default=TILES,
                     help="dequantization tiles BNxBKxWARPS, comma-separated (default %(default)s)")
-    ap.add_argument("--slices", default=SLICES, help="column slice counts tried with the two fastest dequantization "
-                    "tiles (default %(default)s)")
     ap.add_argument("--bits", type=int, default=2, help="weight width (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="JSON records to write")
     args = ap.parse_args()
@@ -81,32 +80,27 @@ def main() -> None:
             return rec
 
         dq_bytes = packed_bytes(layers[0]) + 2 * n * k
-        dq = []
         for cfg in tiles:
             us = graph_time_us([lambda lay=lay, cfg=cfg: dequant_weight(lay.packed, lay.scales, lay.zeros,
                                                                          lay.row_scale, args.bits, lay.master_bits,
                                                                          cfg, buf) for lay in layers],
                                trials=3, min_ms=5.0)
-            dq.append((us, cfg))
             record("dequant", us, config=cfg.__dict__, bw_pct=round(100 * dq_bytes / (us * 1e-6) / bw, 1))
-        fastest = [cfg for _, cfg in sorted(dq, key=lambda t: t[0])[:2]]
         for m in map(int, args.ms.split(",")):
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             y = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-            bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y) for w in w16],
-                                    trials=3, min_ms=5.0)
-            record("bf16", bf16_us, M=m)
-            us = graph_time_us([lambda w=w: torch.mm(x, w.T, out=y) for w in dense], trials=3, min_ms=5.0)
-            record("cublas_dq", us, M=m, speedup=round(bf16_us / us, 3))
             xc = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), args.bits)
             runs = [("current", choose_config(args.bits, m, n, k))] + [("dense", cfg) for cfg in tiles]
-            runs += [("sliced", Config("dense", 0, c.block_n, c.block_k, num_warps=c.num_warps, n_slices=s))
-                     for c in fastest for s in map(int, args.slices.split(","))]
-            for label, cfg in runs:
-                err = rel_err(layers[0], xc, ref, cfg)
+            errs = [rel_err(layers[0], xc, ref, cfg) for _, cfg in runs]
+            times = graph_times_us([[lambda w=w: torch.nn.functional.linear(x, w, out=y) for w in w16],
+                                    [lambda w=w: torch.mm(x, w.T, out=y) for w in dense]]
+                                   + [kernel_calls(layers, x, cfg, None) for _, cfg in runs], trials=5, min_ms=5.0)
+            bf16_us = times[0]
+            record("bf16", bf16_us, M=m)
+            record("cublas_dq", times[1], M=m, speedup=round(bf16_us / times[1], 3))
+            for (label, cfg), err, us in zip(runs, errs, times[2:]):
                 failures += not err <= MAX_ERR
-                us = time_kernel(layers, x, cfg, None, trials=3, min_ms=5.0)
                 record(label, us, M=m, config=cfg.__dict__, speedup=round(bf16_us / us, 3),
                        rel_err=float(f"{err:.3g}"), **({} if err <= MAX_ERR else {"FAILED": True}))
             args.out.write_text(json.dumps(dict(copy_tbps=round(bw / 1e12, 3), records=records), indent=1) + "\n")
@@ -116,10 +110,10 @@ def main() -> None:
     for key in dict.fromkeys((r["K"], r["N"], r.get("M")) for r in records if "M" in r):
         rows = [r for r in records if (r["K"], r["N"], r.get("M")) == key and "speedup" in r and "FAILED" not in r]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "cublas_dq", "dense", "sliced")}
+                for lab in ("current", "cublas_dq", "dense")}
         print(f"{key[0]}x{key[1]} M={key[2]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" + (f" {r['config']['block_n']}x{r['config']['block_k']}"
-                                            f"/{r['config']['n_slices']}" if "config" in r else "")
+                                            if "config" in r else "")
             for lab, r in best.items() if r))
     print(f"{len(records)} records, {failures} failed checks, {time.time() - start:.0f} s")
     sys.exit(1 if failures else 0)
