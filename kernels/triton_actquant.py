@@ -1,6 +1,6 @@
 """Per-token activation quantization (the W{b}A{a} input side), fused with the OCS gather.
 
-Each token is quantized exactly like :func:`kernels.actquant.quantize_activations`:
+One program quantizes one token exactly like :func:`kernels.actquant.quantize_activations`:
 the expanded row ``[x | 0 pad | x[split_index]]`` in groups of 32, asymmetric grid with zero
 included, E4M3 group scales rounded up under the per-token factor ``max_g(scale) / 448``
 (``ALL_ZERO_ROW_SCALE`` for an all-zero token), round-half-even codes. Quotients are correctly
@@ -13,10 +13,6 @@ dequantized activation and the weight kernels run unchanged on ``xq``. With ``DE
 the dequantized activation ``(code - zero) * step`` itself, in the output's dtype (what cuBLAS
 reads on the dense path of many tokens: no separate scaling pass). Optionally it also writes the
 codes, E4M3 bytes and zeros (the format's :class:`QuantizedActivations`).
-
-One program quantizes one token (grid ``(M,)``), or with ``PERSISTENT`` each of ``P`` programs
-loops over the tokens ``pid, pid + P, ...``; with one chunk per row that loop is software-pipelined,
-so that the next token's row is read while the current one is quantized and stored.
 """
 
 from __future__ import annotations
@@ -95,11 +91,19 @@ def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
 
 
 @triton.jit
-def _quantize_token(m, x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
-                    stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr, HAS_SPLIT: tl.constexpr,
-                    WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr, DEQUANT: tl.constexpr, STAGES: tl.constexpr):
-    """Quantize token ``m`` in chunks of ``BG`` groups: a pass for the token scale, then the codes (one pass
-    with ``ONE_CHUNK``)."""
+def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
+                    stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
+                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr,
+                    DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1):
+    """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
+
+    The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
+    stays in registers and there is one pass. ``STAGES`` > 1 software-pipelines the chunk loops'
+    loads (``tl.range(num_stages=...)``). ``x / step`` per element is one reciprocal per
+    group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
+    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
+    """
+    m = tl.program_id(0)
     G = Kq // 32
     gg = tl.arange(0, BG)
     if ONE_CHUNK:
@@ -117,29 +121,3 @@ def _quantize_token(m, x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, 
             x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             _quantize_chunk(x, k, g0 + gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
                             stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
-
-
-@triton.jit
-def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
-                    stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
-                    HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                    DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1, PERSISTENT: tl.constexpr = False):
-    """Quantize token ``program_id(0)``, or with ``PERSISTENT`` tokens ``program_id(0) + i * num_programs(0)``.
-
-    Chunks of ``BG`` groups: a pass for the token scale, then the codes; the second pass re-reads
-    the row (an L2 hit). With ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row stays in registers and
-    there is one pass. ``STAGES`` > 1 software-pipelines the innermost loops' loads
-    (``tl.range(num_stages=...)``): the chunk loops, or with ``ONE_CHUNK`` and ``PERSISTENT`` the
-    token loop (the token loop around chunk loops is not pipelined). ``x / step`` per element is
-    one reciprocal per group and Markstein's correction, ``q = x r; q += (x - q step) r`` with
-    ``r = 1/step`` correctly rounded, which is the correctly rounded quotient (as ``div_rn``) for
-    normal operands.
-    """
-    if PERSISTENT:
-        for m in tl.range(tl.program_id(0), M, tl.num_programs(0), num_stages=STAGES):
-            _quantize_token(m, x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq,
-                            stride_xm, stride_qm, QMAX, XQ_MUL, BG, HAS_SPLIT, WRITE_CODES, ONE_CHUNK, DEQUANT, STAGES)
-    else:
-        _quantize_token(tl.program_id(0), x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K,
-                        Kp, Kq, stride_xm, stride_qm, QMAX, XQ_MUL, BG, HAS_SPLIT, WRITE_CODES, ONE_CHUNK, DEQUANT,
-                        STAGES)

@@ -280,15 +280,11 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
 @dataclass(frozen=True)
 class ActQuantTile:
     """A launch of the activation-quantization kernel: ``groups`` per chunk (one chunk covering the row is one
-    pass over it, fewer are two), ``warps``, ``stages`` of software pipelining of the innermost loop, and
-    ``programs``: 0 for one program per token (grid ``(M,)``), P > 0 for a persistent grid of ``min(M, P)``
-    programs that each loop over the tokens ``pid, pid + P, ...`` (with one chunk per row, that token loop is the one
-    pipelined)."""
+    pass over it, fewer are two), ``warps``, and ``stages`` of software pipelining of the chunk loops."""
 
     groups: int
     warps: int
     stages: int = 1
-    programs: int = 0
 
 
 def actquant_tile(m: int, groups: int) -> ActQuantTile:
@@ -327,12 +323,10 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
         tile = tile or actquant_tile(m, kq // GROUP_SIZE)
-        grid = (min(m, tile.programs) if tile.programs else m,)
-        actquant_kernel[grid](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
+        actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,
-                              DEQUANT=dequant_dtype is not None, STAGES=tile.stages, PERSISTENT=tile.programs > 0,
-                              num_warps=tile.warps)
+                              DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps)
     return (xq, ts, *extra)
 
 

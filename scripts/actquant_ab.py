@@ -1,19 +1,10 @@
 """A/B of activation-quantization launches (``kernels.triton_ops.ActQuantTile``) for many tokens, on a CUDA GPU.
 
 For every row width K and token count M it times the launch the dispatch picks today
-(``actquant_tile``, labelled ``current``), the one-token-per-program launches that came closest in
-the earlier run (docs/results/actquant-ab-h200.json: one chunk per row, the row padded to a power
-of two of groups, with 8 warps; chunks of 64/128 groups, two passes, 8 warps, no pipelining), and
-persistent launches (``ActQuantTile.programs``, label ``-p<programs>``): 132 x 2/4/8 programs (the
-H200's SMs), each looping over every P-th token, with
-
-- one chunk per row (32 values per thread: 4 to 32 warps), the token loop pipelined over 2 or 3
-  stages (``-s``): the next token's row is read while the current one is quantized and stored;
-- chunks of 64/128 groups with 8 warps, the chunk loops pipelined over 2 or 3 stages (the token
-  loop around them is not);
-- the same chunks with 4 warps, 528 programs, 3 stages.
-
-Every launch is first checked bit for bit against ``current`` on fresh random rows (xq and the token scale;
+(``actquant_tile``, labelled ``current``) and a grid of others: one chunk per row (the row padded
+to a power of two of groups, in registers, one pass) with 8/16/32 warps, and chunks of 32/64/128
+groups (two passes over the row) with 4/8 warps and 1 or 3 pipeline stages. Every launch is
+first checked bit for bit against ``current`` on fresh random rows (xq and the token scale;
 ``current`` itself is checked against the CPU reference by ``tests/gpu``). Timing as
 ``kernels.bench`` times (CUDA-graph replays over enough input copies that L2 does not help);
 bandwidth counts the bf16 input read, the fp16 ``xq`` written and the token scales, as a
@@ -39,20 +30,15 @@ from kernels.triton_ops import ActQuantTile, actquant_tile, launch_actquant  # n
 
 KS = [4096, 8192, 11008, 14336, 28672]
 MS = [1024, 4096]
-SMS = 132  # the H200's streaming multiprocessors: persistent launches run a multiple of them
 
 
 def tiles(groups: int) -> dict[str, ActQuantTile]:
-    """The launches compared for rows of ``groups`` groups, by label (at most 23, besides ``current``)."""
+    """The launches compared for rows of ``groups`` groups, by label."""
     one = 1 << (groups - 1).bit_length()
-    chunks = [bg for bg in (64, 128) if bg < groups]
-    out = {"one-w8": ActQuantTile(one, 8), **{f"chunk{bg}-w8-s1": ActQuantTile(bg, 8) for bg in chunks}}
-    w = min(32, max(4, one // 32))
-    for p in (2 * SMS, 4 * SMS, 8 * SMS):
-        for s in (2, 3):
-            out[f"one-w{w}-p{p}-s{s}"] = ActQuantTile(one, w, s, p)
-            out.update({f"chunk{bg}-w8-p{p}-s{s}": ActQuantTile(bg, 8, s, p) for bg in chunks})
-    out.update({f"chunk{bg}-w4-p{4 * SMS}-s3": ActQuantTile(bg, 4, 3, 4 * SMS) for bg in chunks})
+    out = {f"one-w{w}": ActQuantTile(one, w) for w in (8, 16, 32)}
+    for bg in (32, 64, 128):
+        if bg < groups:
+            out.update({f"chunk{bg}-w{w}-s{s}": ActQuantTile(bg, w, s) for w in (4, 8) for s in (1, 3)})
     return out
 
 

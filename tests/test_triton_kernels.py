@@ -94,10 +94,8 @@ else:
         x[3] *= 1e-6
         return x.to(dtype)
 
-    # the default launch (one chunk per row here); chunks of one group, two passes, pipelined loops; the same with
-    # 3 persistent programs for the 5 tokens; one chunk per row with 2 persistent programs, pipelined token loop
-    ACTQUANT_TILES = [None, ActQuantTile(1, 4, stages=2), ActQuantTile(1, 4, stages=2, programs=3),
-                      ActQuantTile(4, 4, stages=2, programs=2)]
+    # the default launch (one chunk per row here) and chunks of one group, two passes, pipelined loops
+    ACTQUANT_TILES = [None, ActQuantTile(1, 4, stages=2)]
 
     @pytest.mark.parametrize("act_bits", [2, 3, 4, 8])
     @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
