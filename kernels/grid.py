@@ -196,11 +196,15 @@ def quantize_onto_nested_grid(w: torch.Tensor, step: torch.Tensor, zeros: torch.
     """Round-to-nearest of ``w [N, Kq]`` directly onto the coarse b-bit grid of given master (step, zeros).
 
     The coarse grid has step ``step * 2^(8-b)`` and points at the cell centres. Used to show that
-    slicing master codes equals quantizing straight onto the coarse grid.
+    slicing master codes equals quantizing straight onto the coarse grid. The quotient ``w / step`` is
+    the fp32 one the master quantizer uses, and its exact halves go to the even neighbour as there
+    (``torch.round``); the rest is exact in float64 (adding the zero point in fp32 could carry a
+    quotient just below ``k + 1/2`` across it).
     """
     mult = 2 ** (master_bits - bits)
     n = w.shape[0]
-    g = w.float().reshape(n, -1, group_size)
-    x = g / step.unsqueeze(-1) + zeros.unsqueeze(-1)  # position in master steps, zero at 0
+    u = (w.float().reshape(n, -1, group_size) / step.unsqueeze(-1)).double()
+    u = torch.where(u - torch.floor(u) == 0.5, torch.round(u), u)  # master ties, half to even
+    x = u + zeros.double().unsqueeze(-1)  # position in master steps, zero at 0
     q = torch.floor((x + 0.5) / mult).clamp(0, 2**bits - 1)
     return q.reshape(n, -1).to(torch.uint8)
