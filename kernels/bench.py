@@ -3,10 +3,12 @@
 For every Llama linear shape (K x N) and token count M it times, in the same run, the bitbybit
 kernels and ``torch.nn.functional.linear`` in bf16, each as CUDA-graph replays of one call per
 weight copy; the copies are rotated (enough of them to exceed the L2 several times) so no
-kernel reads its weights from cache, and the trials of bf16 and of every kernel at one (shape, M)
-alternate, so all of them run under the same clocks (:func:`graph_times_us`). Bandwidth is reported as a percentage of a device-to-device
-copy measured in the same run, counting the bytes the op must move (packed weights, scales,
-zero points and row scales, activations in, output out).
+kernel reads its weights from cache, and the trials of bf16 and of every linear kernel at one
+(shape, M) alternate in random order, so all of them run under the same clocks
+(:func:`graph_times_us`; activation quantization alone is timed on its own, as the copy is).
+Bandwidth is reported as a percentage of a device-to-device copy measured in the same run,
+counting the bytes the op must move (packed weights, scales, zero points and row scales,
+activations in, output out).
 
 Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
 "speedup", "bw_pct", "config", "copy_tbps"}``) and prints a markdown table. ``w{b}a{a}-mma`` times the int8
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
 import re
 import statistics
 import subprocess
@@ -49,16 +52,16 @@ QUICK_SHAPES = [(8192, 8192), (4096, 14336)]
 QUICK_MS = [1, 16, 64, 1024]
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h200.json"
 # (BN, groups per step, warps) of the half2 GEMV that --tune tries for 2/4-bit weights at M <= 4; the one-warp
-# tiles took 1-20 % less time than (256, 2, 2) at M = 1, 2 in scripts/gemv_ab.py (docs/results/gemv-tiles-ab-h200.json)
+# tiles took 0-14 % less time than (256, 2, 2) at M = 1, 2 in scripts/gemv_ab.py (docs/results/gemv-tiles-ab-h200.json)
 H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4), (128, 2, 1), (128, 1, 1), (64, 2, 1)]
 
 
 def graph_times_us(call_lists: list[list], trials: int = 7, min_ms: float = 20.0) -> list[float]:
     """Median time per call (µs) of CUDA-graph replays of each list of ``calls`` (run once each, in order).
 
-    One graph per list; the trials take the graphs in turn (each replayed for at least ``min_ms``), so
-    that every list is timed under the same clocks and temperature: a compute-bound kernel timed right
-    after a long one otherwise runs on a hotter, power-capped GPU.
+    One graph per list; every trial replays each graph for at least ``min_ms``, the graphs in a fresh
+    (seeded) random order, so that all lists are timed under the same mix of clocks: on a power-capped
+    GPU a compute-bound kernel runs slower right after another one and faster after a memory-bound one.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -85,14 +88,15 @@ def graph_times_us(call_lists: list[list], trials: int = 7, min_ms: float = 20.0
         torch.cuda.synchronize()
         reps.append(max(1, math.ceil(min_ms / max(start.elapsed_time(end), 1e-3))))
     times = [[] for _ in graphs]
+    order = random.Random(0)
     for _ in range(trials):
-        for graph, n, calls, out in zip(graphs, reps, call_lists, times):
+        for i in order.sample(range(len(graphs)), len(graphs)):
             start.record()
-            for _ in range(n):
-                graph.replay()
+            for _ in range(reps[i]):
+                graphs[i].replay()
             end.record()
             torch.cuda.synchronize()
-            out.append(start.elapsed_time(end) * 1e3 / (n * len(calls)))
+            times[i].append(start.elapsed_time(end) * 1e3 / (reps[i] * len(call_lists[i])))
     return [statistics.median(t) for t in times]
 
 
@@ -203,7 +207,7 @@ def tune(shapes, ms, bits_list, budget_s: float) -> None:
             layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
             for m in ms:
                 if time.monotonic() > t_end:
-                    print(f"tuning budget spent; {table_key(bits, k, n, m)} and later keep their table entry or the rule")
+                    print(f"tuning budget spent; {table_key(bits, k, n, m)} and later keep their entry or the rule")
                     return
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 timed = []
@@ -245,7 +249,9 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
                     cfg = mma8_config(m, n, k) if variant else None
                     calls[name] = kernel_calls(layers[wb], x, cfg, act, rescale=variant != "-mma-norescale")
                     moved[name] = (packed_bytes(layers[wb][0]) + io, cfg or choose_config(wb, m, n, k))
-            times = dict(zip(calls, graph_times_us(list(calls.values()))))
+            alone = [name for name in calls if name.startswith("actquant")]  # a bandwidth figure, like the copy's
+            times = dict(zip(alone, graph_times_us([calls.pop(name) for name in alone])))
+            times.update(zip(calls, graph_times_us(list(calls.values()), trials=11, min_ms=10.0)))
             bf16_us = times["bf16"]
             for name in kernels:
                 us, (nbytes, cfg) = times[name], moved[name]
