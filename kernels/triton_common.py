@@ -60,8 +60,11 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
 
     With ``SPLIT_K > 1`` every program stores its partial tile in the workspace and bumps the
     tile's counter; the one that sees ``SPLIT_K - 1`` sums the partials, resets the counter to 0
-    for the next launch and writes the output. ``SPLIT_K`` is a run-time value (Triton
-    specializes 1), so split-K variants share one compiled kernel.
+    for the next launch and writes the output. On GEMV-sized tiles (at most 512 outputs) it loads 16
+    partials at once, so the reduction is a few rounds of L2 latency rather than one per split
+    (0-9 % less time for the half2 GEMV on the H200, session 8).
+    ``SPLIT_K`` is a run-time value (Triton specializes 1), so split-K variants share one compiled
+    kernel.
     """
     if SPLIT_K == 1:
         _store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
@@ -73,10 +76,14 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
         tl.store(base + pid_k * (BM * BN) + offs, acc)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        RED: tl.constexpr = 16 if BM * BN <= 512 else 1  # GEMV tiles; 4 on the 16 x 64 tiles cost up to 60 %
         if arrived == SPLIT_K - 1:
             total = tl.zeros([BM, BN], tl.float32)
-            for s in range(SPLIT_K):
-                total += tl.load(base + s * (BM * BN) + offs, cache_modifier=".cg")
+            ss = tl.arange(0, RED)[:, None, None]
+            for s0 in range(0, SPLIT_K, RED):
+                part = tl.load(base + (s0 + ss) * (BM * BN) + offs[None, :, :], mask=s0 + ss < SPLIT_K, other=0.0,
+                               cache_modifier=".cg")
+                total += tl.sum(part, axis=0)
             tl.atomic_xchg(cnt_ptr + tile, 0)
             _store_scaled(total, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS,
                           HAS_BIAS)
