@@ -130,6 +130,16 @@ def copies_for(bytes_each: int) -> int:
     return max(2, min(64, math.ceil(3 * l2 / bytes_each)))
 
 
+def bf16_weights(k: int, n: int) -> list[torch.Tensor]:
+    """Rotated bf16 weight copies ``[N, K]`` (N(0, 0.02^2)) for the ``F.linear`` baseline."""
+    return [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(2 * n * k))]
+
+
+def bf16_calls(x: torch.Tensor, w16: list[torch.Tensor], out: torch.Tensor) -> list:
+    """One bf16 ``F.linear`` call per weight copy (into ``out``), for :func:`graph_times_us`."""
+    return [lambda w=w: torch.nn.functional.linear(x, w, out=out) for w in w16]
+
+
 def packed_bytes(layer: PackedLinear) -> int:
     return sum(t.numel() * t.element_size() for t in (layer.packed, layer.scales, layer.zeros, layer.row_scale))
 
@@ -228,14 +238,14 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
     """Time every kernel and bf16 at every (shape, M); returns the records (also passed to ``save`` after each shape)."""
     records = []
     for k, n in shapes:
-        w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(n * k * 2))]
+        w16 = bf16_weights(k, n)
         bits_needed = sorted({int(re.match(r"w(\d)", kn).group(1)) for kn in kernels if kn.startswith("w")})
         layers = {b: make_layers(k, n, b, copies_for(n * k * b // 8)) for b in bits_needed}
         for m in ms:
             x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
             y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
             io = 2 * m * k + 2 * m * n
-            calls = {"bf16": [lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16]}
+            calls = {"bf16": bf16_calls(x, w16, y16)}
             moved = {}  # kernel -> (bytes it must move, configuration)
             for name in kernels:
                 if name.startswith("actquant"):

@@ -34,8 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.bench import (copies_for, copy_bandwidth, graph_time_us, graph_times_us, kernel_calls,  # noqa: E402
-                           make_layers, packed_bytes, parse_shapes)
+from kernels.bench import (bf16_calls, bf16_weights, copies_for, copy_bandwidth, graph_time_us,  # noqa: E402
+                           graph_times_us, kernel_calls, make_layers, packed_bytes, parse_shapes)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.triton_ops import Config, choose_config, dequant_weight  # noqa: E402
 from gemm_ab import MAX_ERR, rel_err  # noqa: E402  (this script's folder is on sys.path when it runs)
@@ -66,18 +66,16 @@ def main() -> None:
     tiles = parse_tiles(args.tiles)
     for k, n in parse_shapes(args.shapes):
         layers = make_layers(k, n, args.bits, copies_for(n * k * args.bits // 8))
-        w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(2 * n * k))]
+        w16 = bf16_weights(k, n)
         dense = [dequant_weight(lay.packed, lay.scales, lay.zeros, lay.row_scale, args.bits, lay.master_bits,
                                 tiles[0], torch.empty(n, k, dtype=torch.bfloat16, device="cuda"))
                  for lay in layers[:len(w16)]]
         buf = torch.empty(n, k, dtype=torch.bfloat16, device="cuda")
         base = dict(bits=args.bits, K=k, N=n)
 
-        def record(label: str, us: float, **extra) -> dict:
-            rec = dict(base, label=label, us=round(us, 2), **extra)
-            records.append(rec)
+        def record(label: str, us: float, **extra) -> None:
+            records.append(dict(base, label=label, us=round(us, 2), **extra))
             print(f"{k}x{n} {label:10s} {us:9.1f} us " + " ".join(f"{a}={b}" for a, b in extra.items()), flush=True)
-            return rec
 
         dq_bytes = packed_bytes(layers[0]) + 2 * n * k
         for cfg in tiles:
@@ -93,7 +91,7 @@ def main() -> None:
             ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), args.bits)
             runs = [("current", choose_config(args.bits, m, n, k))] + [("dense", cfg) for cfg in tiles]
             errs = [rel_err(layers[0], xc, ref, cfg) for _, cfg in runs]
-            times = graph_times_us([[lambda w=w: torch.nn.functional.linear(x, w, out=y) for w in w16],
+            times = graph_times_us([bf16_calls(x, w16, y),
                                     [lambda w=w: torch.mm(x, w.T, out=y) for w in dense]]
                                    + [kernel_calls(layers, x, cfg, None) for _, cfg in runs], trials=5, min_ms=5.0)
             bf16_us = times[0]

@@ -26,7 +26,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.bench import copies_for, graph_time_us, make_layers, parse_shapes, time_kernel  # noqa: E402
+from kernels.bench import bf16_calls, copies_for, graph_time_us, make_layers, parse_shapes, time_kernel  # noqa: E402
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
@@ -89,7 +89,7 @@ def main() -> None:
             for m in map(int, args.ms.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-                bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16],
+                bf16_us = graph_time_us(bf16_calls(x, w16, y16),
                                         trials=3, min_ms=5.0)
                 xc = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), bits)

@@ -171,16 +171,17 @@ def timing(k: int, n: int, bits: int, wide: bool, bw: float, variants: dict, ms:
            tiles: list[tuple[int, int, int]] | None = None,
            split_mults: list[int] | None = None) -> tuple[list[dict], list[dict]]:
     """Time bf16, the current kernel and every half2 variant's grid at each M (bf16 inputs); each config checked once."""
-    from kernels.bench import copies_for, graph_time_us, make_layers, packed_bytes, time_kernel
+    from kernels.bench import (bf16_calls, bf16_weights, copies_for, graph_time_us, make_layers, packed_bytes,
+                               time_kernel)
 
     layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
-    w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(n * k * 2))]
+    w16 = bf16_weights(k, n)
     nbytes = packed_bytes(layers[0])
     recs, checks = [], []
     for m in ms:
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
-        bf16_us = graph_time_us([lambda w=w: torch.nn.functional.linear(x, w, out=y16) for w in w16])
+        bf16_us = graph_time_us(bf16_calls(x, w16, y16))
         io = 2 * m * k + 2 * m * n
 
         def record(kernel: str, cfg: Config, us: float | None, error: str | None = None) -> None:
