@@ -8,11 +8,15 @@ kernel reads its weights from cache, and the trials of bf16 and of every linear 
 (:func:`graph_times_us`; activation quantization alone is timed on its own, as the copy is).
 Bandwidth is reported as a percentage of a device-to-device copy measured in the same run,
 counting the bytes the op must move (packed weights, scales, zero points and row scales,
-activations in, output out).
+activations in, output out). Each record also has the floor of those bytes at that size: the time of a
+streaming read of as many bytes (a copy for activation quantization, which writes as much as it reads),
+timed in the same rotation as the kernels (``floor_us``, and ``floor_pct`` = floor / kernel time; above
+4 MiB only): small transfers do not reach the copy bandwidth, so this is what a kernel that only moved its
+bytes would take.
 
 Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
-"speedup", "bw_pct", "config", "copy_tbps"}``) and prints a markdown table. ``w{b}a{a}-mma`` times the int8
-tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and ``w{b}a{a}-mma-norescale`` the same
+"speedup", "bw_pct", "floor_us", "floor_pct", "config", "copy_tbps"}``) and prints a markdown table.
+``w{b}a{a}-mma`` times the int8 tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and ``w{b}a{a}-mma-norescale`` the same
 without its per-group rescale (wrong numbers; the difference is the rescale's time). ``--tune`` first picks, per shape,
 the fastest of a few kernel configurations and writes ``kernels/triton_table.json``; ``--sass``
 prints the compiler report (registers, spills, instruction mix of the main loop) of every
@@ -34,6 +38,8 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+import triton
+import triton.language as tl
 
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
@@ -54,6 +60,9 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "kernels-h2
 # (BN, groups per step, warps) of the half2 GEMV that --tune tries for 2/4-bit weights at M <= 4; the one-warp
 # tiles took 0-14 % less time than (256, 2, 2) at M = 1, 2 in scripts/gemv_ab.py (docs/results/gemv-tiles-ab-h200.json)
 H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4), (128, 2, 1), (128, 1, 1), (64, 2, 1)]
+# whole-column half2 tiles (many groups per step, about one program per SM) that --tune tries at M <= 2: at M = 1 they
+# took 4-37 % less time than the tuned split-K tiles in the session-9 probe (docs/BENCHMARKS.md)
+WHOLE_COLUMN_TILES = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (16, 32, 4), (64, 16, 8)]
 
 
 def graph_times_us(call_lists: list[list], trials: int = 7, min_ms: float = 20.0) -> list[float]:
@@ -130,6 +139,47 @@ def copies_for(bytes_each: int) -> int:
     return max(2, min(64, math.ceil(3 * l2 / bytes_each)))
 
 
+# Below this many bytes a streaming kernel is bound by its launch and ramp, not by the bytes, and is no floor
+# (activation quantization of at most 4 MiB beat it by up to 35 % on the H200): such records get no floor
+FLOOR_MIN_BYTES = 4 << 20
+
+
+@triton.jit
+def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    """Stream ``n`` int32 words of ``src``: copy them into ``dst``, or read them (one xor per program into ``dst``)."""
+    offs = tl.program_id(0) * (BLOCK * ITERS) + tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.int32)
+    for i in tl.static_range(ITERS):  # all loads in flight at once
+        o = offs + i * BLOCK
+        v = tl.load(src + o, mask=o < n, other=0)
+        if COPY:
+            tl.store(dst + o, v, mask=o < n)
+        else:
+            acc ^= v
+    if not COPY:
+        tl.store(dst + tl.program_id(0), tl.xor_sum(acc, 0))
+
+
+def floor_calls(nbytes: int, copy: bool) -> list:
+    """Calls that move ``nbytes`` (read them, or copy: read half, write half) over rotated buffers, for
+    :func:`graph_times_us`: the least time a kernel that moves those bytes needs. 4 x 2048 words per
+    program on 4 warps (the fastest, or within 2 % of it, of six variants at every size of 5 MB and more
+    tried on the H200: session 9, docs/BENCHMARKS.md); smaller blocks on small sizes, so that every SM gets
+    about four programs."""
+    iters = 4
+    n = max(1, (nbytes // 2 if copy else nbytes) // 4)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    block = min(2048, max(128, triton.next_power_of_2(triton.cdiv(n, iters * 4 * sms))))
+    stride = triton.cdiv(n, 256) * 256  # 1 KiB-aligned copies
+    copies = copies_for(nbytes)
+    src = torch.zeros(copies * stride, dtype=torch.int32, device="cuda")
+    grid = (triton.cdiv(n, block * iters),)
+    dst = torch.empty(copies * stride if copy else grid[0], dtype=torch.int32, device="cuda")
+    views = [(src[i * stride:], dst[i * stride:] if copy else dst) for i in range(copies)]
+    return [lambda s=s, d=d: _stream_kernel[grid](s, d, n, COPY=copy, BLOCK=block, ITERS=iters, num_warps=4)
+            for s, d in views]
+
+
 def bf16_weights(k: int, n: int) -> list[torch.Tensor]:
     """Rotated bf16 weight copies ``[N, K]`` (N(0, 0.02^2)) for the ``F.linear`` baseline."""
     return [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") * 0.02 for _ in range(copies_for(2 * n * k))]
@@ -184,6 +234,9 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
         bm = m if m <= 2 else 4
         h2 = [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
               for bn, bg, w in H2_TILES for s in (1, 2)]
+        if m <= 2:
+            h2 += [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
+                   for bn, bg, w in WHOLE_COLUMN_TILES for s in (1, 2, 4)]
     if m <= 2:
         bm, bn, bg, w = fp32_gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
@@ -260,17 +313,30 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
                     calls[name] = kernel_calls(layers[wb], x, cfg, act, rescale=variant != "-mma-norescale")
                     moved[name] = (packed_bytes(layers[wb][0]) + io, cfg or choose_config(wb, m, n, k))
             alone = [name for name in calls if name.startswith("actquant")]  # a bandwidth figure, like the copy's
+            floors = {}  # (bytes, copy) -> name of its floor's calls, timed with the kernels that move those bytes
+            for name in kernels:
+                key = (moved[name][0], name in alone)
+                if key not in floors and key[0] > FLOOR_MIN_BYTES:
+                    floors[key] = f"floor{len(floors)}"
+                    calls[floors[key]] = floor_calls(*key)
+                    if key[1]:
+                        alone.append(floors[key])
             times = dict(zip(alone, graph_times_us([calls.pop(name) for name in alone])))
             times.update(zip(calls, graph_times_us(list(calls.values()), trials=11, min_ms=10.0)))
             bf16_us = times["bf16"]
             for name in kernels:
                 us, (nbytes, cfg) = times[name], moved[name]
+                floor = floors.get((nbytes, name in alone))
+                floor_us = None if floor is None else times[floor]
                 rec = dict(kernel=name, K=k, N=n, M=m, us=round(us, 2), bf16_us=round(bf16_us, 2),
                            speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),
+                           floor_us=floor_us and round(floor_us, 2),
+                           floor_pct=floor_us and round(100 * floor_us / us, 1),
                            config=None if cfg is None else cfg.__dict__)
                 records.append(rec)
+                floor_text = "" if floor_us is None else f"  floor {floor_us:6.1f} us ({rec['floor_pct']:.0f}%)"
                 print(f"{name:9s} K={k:5d} N={n:5d} M={m:4d}  {us:8.1f} us  bf16 {bf16_us:8.1f} us  "
-                      f"x{rec['speedup']:5.2f}  {rec['bw_pct']:5.1f}% bw", flush=True)
+                      f"x{rec['speedup']:5.2f}  {rec['bw_pct']:5.1f}% bw{floor_text}", flush=True)
         del w16, layers
         torch.cuda.empty_cache()
         if save:

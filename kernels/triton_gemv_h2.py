@@ -1,4 +1,4 @@
-"""Experimental W{b}A16 GEMV on packed half2 arithmetic (``Config("gemv_h2", ...)``; not the default).
+"""W{b}A16 GEMV on packed half2 arithmetic (``Config("gemv_h2", ...)``: the default for 2- and 4-bit weights at M <= 4).
 
 Same work split as :mod:`kernels.triton_gemv` (``BN`` columns and a K range per program,
 ``BG`` groups per step, operands loaded a step ahead, split-K reduced by the last program), but
@@ -22,6 +22,9 @@ costs about 1.5 instructions at M = 1 (LOP3, HADD2, HFMA2 per pair) instead of 3
   pairs it holds), reduced within a warp, scaled, rounded to fp16 and packed into half2 words
   cooperatively (once per program), then broadcast to every thread. ``UNROLL=2`` computes two
   steps per loop iteration, so the loads need no register copies.
+* Whole-column tiles (``BG >= WHOLE_COLUMN_BG``: few columns, many groups per step, little or no
+  split-K; the tuned choice at one token) keep one accumulator per group slot and sum them after the
+  loop, since their groups are spread over warps.
 
 Inline PTX is not available to the interpreter: with ``ASM`` off every half2 helper computes the
 same thing with plain Triton ops (fp16 halves of uint32 containers, one rounding per result), so
@@ -42,6 +45,9 @@ from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX on the GPU, plain-op twins under the interpreter
 H2_BITS = (2, 4, 8)  # single-plane widths
 H2_ONE = 0x64006400  # half2 (1024, 1024)
+# Tiles with at least this many groups per step are whole-column tiles (few columns, little or no split-K): a step's
+# groups are spread over threads and warps, so each group slot keeps its own accumulator until the loop ends
+WHOLE_COLUMN_BG = tl.constexpr(8)
 
 
 def check_h2(bits: int, x_dtype: torch.dtype) -> None:
@@ -184,15 +190,21 @@ def _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0, g_hi, tok, kk, cols, cma
 
 @triton.jit
 def _h2_accumulate(acc, words, xlo, xhi, sbytes, zbytes, one, zoff: tl.constexpr, ZMUL: tl.constexpr, P: tl.constexpr,
-                   BM: tl.constexpr, BG: tl.constexpr, ASM: tl.constexpr):
-    """``acc [BM, BN]`` plus one step's ``sum_g scale (sum_k (q_k - zero) x_k)`` (operands as :func:`_h2_step` loads them)."""
+                   BM: tl.constexpr, BG: tl.constexpr, ASM: tl.constexpr, DEFER: tl.constexpr):
+    """``acc [BM, BN]`` plus one step's ``sum_g scale (sum_k (q_k - zero) x_k)`` (operands as :func:`_h2_step` loads them);
+    with ``DEFER`` ``acc [BM, BG, BN]`` plus the step's terms per group (summed over groups after the loop)."""
     HALF: tl.constexpr = 16 // P
     c = tl.sum(e4m3_scaled(sbytes), axis=2)  # [1, BG, BN] (a sum over the size-1 axis: the words' layout)
     zc = tl.sum(zbytes.to(tl.float32), axis=2) * ZMUL - zoff * ZMUL  # one FFMA, exact
     pairs, xsum, down = _x_pairs(xlo, xhi, P)
     pairs = tl.sum(pairs[:, :, :, None], axis=3)  # broadcast after the packing (see triton_gemv)
     d = _group_dots(words, tl.reshape(pairs, (BM, BG, P, HALF)), one, P, ASM)
-    return acc + tl.sum((c * down[:, :, None]) * (d - zc * xsum[:, :, None]), axis=1)
+    term = (c * down[:, :, None]) * (d - zc * xsum[:, :, None])
+    if DEFER:
+        acc = acc + term
+    else:
+        acc = acc + tl.sum(term, axis=1)
+    return acc
 
 
 @triton.jit
@@ -216,7 +228,12 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
     u = tl.arange(0, 16)  # pair u = r * HALF + t (word row r, slot t): column r * 2 HALF + t of the group (half 0)
     kk = (u // HALF) * (2 * HALF) + u % HALF
     zoff: tl.constexpr = ZOFF + (1 << (P0 - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
-    acc = tl.zeros([BM, BN], tl.float32)
+    # whole-column tiles sum their per-group accumulators once, after the loop, instead of across warps every step
+    DEFER: tl.constexpr = BG >= WHOLE_COLUMN_BG
+    if DEFER:
+        acc = tl.zeros([BM, BG, BN], tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], tl.float32)
     w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g_lo, g_hi, tok, kk, cols, cmask, cols4, M,
                                     K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn, P0, BG, HALF,
                                     HAS_SPLIT, EVEN_K)
@@ -225,16 +242,20 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
             w1, xl1, xh1, s1, z1 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols, cmask,
                                             cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
                                             P0, BG, HALF, HAS_SPLIT, EVEN_K)
-            acc = _h2_accumulate(acc, w0, xl0, xh0, s0, z0, one, zoff, ZMUL, P0, BM, BG, ASM)
+            acc = _h2_accumulate(acc, w0, xl0, xh0, s0, z0, one, zoff, ZMUL, P0, BM, BG, ASM, DEFER)
             w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + 2 * BG, g_hi, tok, kk, cols,
                                             cmask, cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg,
                                             stride_sn, P0, BG, HALF, HAS_SPLIT, EVEN_K)
-            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM)
+            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM, DEFER)
         else:  # the next step is loaded while this one computes
             w1, xl1, xh1, s1, z1 = w0, xl0, xh0, s0, z0
             w0, xl0, xh0, s0, z0 = _h2_step(x_ptr, w_ptr, s_ptr, z_ptr, split_ptr, g0 + BG, g_hi, tok, kk, cols, cmask,
                                             cols4, M, K, Kp, Kq, stride_xm, stride_ww, stride_wn, stride_sg, stride_sn,
                                             P0, BG, HALF, HAS_SPLIT, EVEN_K)
-            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM)
-    finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
+            acc = _h2_accumulate(acc, w1, xl1, xh1, s1, z1, one, zoff, ZMUL, P0, BM, BG, ASM, DEFER)
+    if DEFER:
+        total = tl.sum(acc, axis=1)
+    else:
+        total = acc
+    finish(total, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
            tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

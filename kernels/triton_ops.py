@@ -33,7 +33,7 @@ from .triton_actquant import actquant_kernel
 from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
 from .triton_gemv import MAGIC_BITS, gemv_kernel
-from .triton_gemv_h2 import ASM, H2_ONE, check_h2, gemv_h2_kernel
+from .triton_gemv_h2 import ASM, H2_ONE, WHOLE_COLUMN_BG, check_h2, gemv_h2_kernel
 from .triton_mma import mma_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
@@ -46,8 +46,8 @@ class Config:
     """A launch configuration.
 
     ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemv_h2"`` (the
-    same on packed half2 arithmetic, experimental: 2/4/8-bit weights, 16-bit inputs), ``"gemm"`` (fused
-    dequantization + tensor cores, ``x @ W^T``), ``"gemm_t"`` (the same as ``W @ x^T``: the two orientations
+    same on packed half2 arithmetic: 2/4/8-bit weights, 16-bit inputs; the rule's choice at M <= 4),
+    ``"gemm"`` (fused dequantization + tensor cores, ``x @ W^T``), ``"gemm_t"`` (the same as ``W @ x^T``: the two orientations
     of :mod:`kernels.triton_gemm`) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
@@ -84,11 +84,15 @@ def table_key(bits: int, kq: int, n: int, m: int) -> str:
 
 
 def gemv_split(n: int, kq: int, block_n: int, block_g: int, sms: int = 132, warps: int = 2) -> int:
-    """Split-K for the GEMV: about three programs per SM (six of one warp: the tuned split of the one-warp
-    tiles), each with at least four steps of ``block_g`` groups."""
+    """Split-K for the GEMV: for whole-column tiles (``block_g >= WHOLE_COLUMN_BG``) the fewest splits that give
+    every SM a program, each with at least two steps; for the others about three programs per SM (six of one
+    warp: the tuned split of the one-warp tiles), each with at least four steps of ``block_g`` groups."""
+    whole_column = block_g >= WHOLE_COLUMN_BG.value
+    per_sm = 1 if whole_column else 6 if warps == 1 else 3
+    min_steps = 2 if whole_column else 4
     split = 1
-    per_sm = 6 if warps == 1 else 3
-    while triton.cdiv(n, block_n) * split < per_sm * sms and kq // 32 >= 8 * block_g * split and split < 64:
+    while (triton.cdiv(n, block_n) * split < per_sm * sms and kq // 32 >= 2 * min_steps * block_g * split
+           and split < 64):
         split *= 2
     return split
 
@@ -103,15 +107,16 @@ def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
 
     As measured best on the H200: the half2 GEMV for 2- and 4-bit weights (docs/results/gemv-h2-ab4-h200.json:
     8-18 % faster than the fp32 GEMV at M = 1, 2 and 9-28 % faster than the tensor-core tiles at M = 4),
-    with the tiles that won most of the eight tuned shapes (session 8, one-warp tiles for W2 at 2..4
-    tokens); the fp32-accumulating GEMV for the other widths (M <= 2). A half2 tile given fp32 inputs
-    runs the fp32 GEMV on the same tile (:func:`launch_linear`).
+    with the tiles that won most of the eight tuned shapes: at one token whole-column tiles (32 columns,
+    32 groups per step; session 9), one-warp split-K tiles for W2 at 2..4 tokens (session 8); the
+    fp32-accumulating GEMV for the other widths (M <= 2). A half2 tile given fp32 inputs runs the fp32
+    GEMV on the same tile (:func:`launch_linear`).
     """
     bm = 1 if m == 1 else (2 if m == 2 else 4)
     if bits == 2:
-        return ("gemv_h2", bm) + ((256, 2, 2) if m == 1 else (128, 2, 1) if m == 2 else (128, 1, 1))
+        return ("gemv_h2", bm) + ((32, 32, 4) if m == 1 else (128, 2, 1) if m == 2 else (128, 1, 1))
     if bits == 4:
-        return ("gemv_h2", bm) + ((256, 2, 2) if m <= 2 else (256, 1, 2))
+        return ("gemv_h2", bm) + ((32, 32, 8) if m == 1 else (256, 2, 2) if m == 2 else (256, 1, 2))
     return ("gemv",) + fp32_gemv_tile(bits, m)
 
 
@@ -119,7 +124,7 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
     A GEMV (:func:`gemv_tile`) for one or two tokens, and for three or four at 2 and 4 bits (split
-    along K for about three programs per SM; the fp32 GEMV measured 0.45x of bf16 at M = 4 on the
+    along K by :func:`gemv_split`; the fp32 GEMV measured 0.45x of bf16 at M = 4 on the
     H200, its 4-token tiles spill or shuffle, so other widths take the tiles there); split-K
     ``W @ x^T`` tiles up to 32 tokens with enough programs for two per SM; ``x @ W^T`` on 64-row
     tiles at 33..64 tokens (split 4, 8 for K more than twice N) and on 128 x 128 tiles at 65..128

@@ -183,7 +183,9 @@ else:
     @pytest.mark.parametrize("bits", [2, 4, 8])
     @pytest.mark.parametrize("unroll", [1, 2])
     @pytest.mark.parametrize("m, cfg", [(1, Config("gemv_h2", 1, 8, 2)), (2, Config("gemv_h2", 2, 16, 1, split_k=3)),
-                                        (1, Config("gemv_h2", 1, 8, 4))])  # the last: one step, odd for UNROLL=2
+                                        (1, Config("gemv_h2", 1, 8, 4)),  # one step, odd for UNROLL=2
+                                        # whole-column tiles (per-group accumulators); the second split is empty
+                                        (1, Config("gemv_h2", 1, 8, 8)), (2, Config("gemv_h2", 2, 8, 8, split_k=2))])
     def test_gemv_h2_matches_reference(bits, unroll, m, cfg, monkeypatch):
         """The half2 GEMV (plain-op twins of its PTX) with split channels, K padding and a 1e4 outlier channel."""
         monkeypatch.setattr(triton_ops, "gemv_h2_kernel", Unrolled(triton_ops.gemv_h2_kernel, unroll))
