@@ -214,7 +214,13 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         return y
     cfg = config or choose_config(bits, m, n, kq)
     if config is None and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
-        cfg = replace(cfg, kernel="gemv")  # a tuned half2 tile takes 16-bit inputs; fp32 ones run the fp32 GEMV
+        # a half2 tile takes 16-bit inputs: fp32 ones run the fp32 GEMV, on the same tile unless it is a whole-column
+        # one (M <= 2 only), whose many groups per step the fp32 GEMV would sum across warps: then on its own tile
+        if cfg.block_k >= WHOLE_COLUMN_BG.value:
+            bm, bn, bg, warps = fp32_gemv_tile(bits, m)
+            cfg = Config("gemv", bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, warps=warps), num_warps=warps)
+        else:
+            cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma8":
         raise ValueError("mma8 runs on activation codes: call launch_linear_wa")
     if cfg.kernel == "dense":

@@ -237,7 +237,8 @@ else:
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 3), (2, 4), (4, 3), (4, 4)])
     def test_rule_runs_the_half2_gemv_for_few_tokens(bits, m, monkeypatch):
         """Without a table entry, 2-bit weights up to 4 tokens and 4-bit ones at 3..4 tokens take the half2
-        GEMV for 16-bit inputs and the fp32 GEMV on the same tile for fp32 inputs, both matching the reference."""
+        GEMV for 16-bit inputs and the fp32 GEMV for fp32 inputs (on the same tile, or on its own where the rule's
+        tile is a whole-column one, as at one token), both matching the reference."""
         lay = layer(bits, seed=60 + bits)
         n, kq = lay.out_features, lay.scales.shape[1] * 32
         assert triton_ops.table_key(bits, kq, n, m) not in triton_ops.TABLE
