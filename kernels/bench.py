@@ -16,8 +16,8 @@ bytes would take.
 
 Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
 "speedup", "bw_pct", "floor_us", "floor_pct", "config", "copy_tbps"}``) and prints a markdown table.
-``w{b}a{a}-mma`` times the int8 tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and ``w{b}a{a}-mma-norescale`` the same
-without its per-group rescale (wrong numbers; the difference is the rescale's time). ``--tune`` first picks, per shape,
+``w{b}a{a}-mma`` times the int8 tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and
+``w{b}a{a}-mma-norescale`` the same without its per-group rescale (wrong numbers; the difference is the rescale's time). ``--tune`` first picks, per shape,
 the fastest of a few kernel configurations and writes ``kernels/triton_table.json``; ``--sass``
 prints the compiler report (registers, spills, instruction mix of the main loop) of every
 kernel variant that ran.

@@ -47,8 +47,8 @@ class Config:
 
     ``kernel``: ``"gemv"`` (CUDA cores, M <= block_m <= 2; block_k = groups per step), ``"gemv_h2"`` (the
     same on packed half2 arithmetic: 2/4/8-bit weights, 16-bit inputs; the rule's choice at M <= 4),
-    ``"gemm"`` (fused dequantization + tensor cores, ``x @ W^T``), ``"gemm_t"`` (the same as ``W @ x^T``: the two orientations
-    of :mod:`kernels.triton_gemm`) or ``"dense"`` (dequantize the whole weight to the activation
+    ``"gemm"`` (fused dequantization + tensor cores, ``x @ W^T``), ``"gemm_t"`` (the same as ``W @ x^T``:
+    the two orientations of :mod:`kernels.triton_gemm`) or ``"dense"`` (dequantize the whole weight to the activation
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
