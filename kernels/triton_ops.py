@@ -110,7 +110,7 @@ def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
     with the tiles that won most of the eight tuned shapes: at one token whole-column tiles (32 columns,
     32 groups per step; session 9), one-warp split-K tiles for W2 at 2..4 tokens (session 8); the
     fp32-accumulating GEMV for the other widths (M <= 2). A half2 tile given fp32 inputs runs the fp32
-    GEMV on the same tile (:func:`launch_linear`).
+    GEMV, on the same tile or, for a whole-column one, on :func:`fp32_gemv_tile` (:func:`launch_linear`).
     """
     bm = 1 if m == 1 else (2 if m == 2 else 4)
     if bits == 2:
