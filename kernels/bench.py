@@ -46,6 +46,7 @@ from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
+from .triton_gemv_h2 import gemv_h2_kernel
 from .triton_mma import mma_kernel
 from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_split, launch_actquant, launch_linear,
                           launch_linear_wa, mma8_config, save_table, table_key)
@@ -377,7 +378,7 @@ def _loop_mix(sass: str) -> tuple[int, Counter]:
     return len(best), ops
 
 
-def sass_report(kernels: tuple = (gemv_kernel, gemm_kernel, mma_kernel, actquant_kernel)) -> list[dict]:
+def sass_report(kernels: tuple = (gemv_kernel, gemv_h2_kernel, gemm_kernel, mma_kernel, actquant_kernel)) -> list[dict]:
     """Registers, spills, shared memory and main-loop instruction mix of every compiled variant of ``kernels``."""
     report = []
     for fn in kernels:

@@ -26,25 +26,21 @@ costs about 1.5 instructions at M = 1 (LOP3, HADD2, HFMA2 per pair) instead of 3
   split-K; the tuned choice at one token) keep one accumulator per group slot and sum them after the
   loop, since their groups are spread over warps.
 
-Inline PTX is not available to the interpreter: with ``ASM`` off every half2 helper computes the
-same thing with plain Triton ops (fp16 halves of uint32 containers, one rounding per result), so
-the CPU tests run the same algorithm. Single-plane codes only (2, 4 and 8 bits), 16-bit activations.
+The half2 arithmetic is :mod:`kernels.triton_pairs` (inline PTX on the GPU, plain-op twins under the
+interpreter, so the CPU tests run the same algorithm). Single-plane codes only (2, 4 and 8 bits), 16-bit activations.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish
+from .triton_pairs import hadd2_asm, hadd2_plain, halves, join, pair_add, pair_fma
 from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 
-ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX on the GPU, plain-op twins under the interpreter
 H2_BITS = (2, 4, 8)  # single-plane widths
-H2_ONE = 0x64006400  # half2 (1024, 1024)
 # Tiles with at least this many groups per step are whole-column tiles (few columns, little or no split-K): a step's
 # groups are spread over threads and warps, so each group slot keeps its own accumulator until the loop ends
 WHOLE_COLUMN_BG = tl.constexpr(8)
@@ -57,62 +53,13 @@ def check_h2(bits: int, x_dtype: torch.dtype) -> None:
 
 
 @triton.jit
-def _halves(v):
-    """The fp16 halves (low, high) of half2 containers ``v`` (uint32), as float32."""
-    lo = (v & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
-
-
-@triton.jit
-def _join(lo, hi):
-    """half2 containers of ``lo`` and ``hi`` (each rounded to fp16 once, to nearest even)."""
-    return lo.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) | (
-        hi.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32) << 16)
-
-
-@triton.jit
-def hfma2(a, b, c, ASM: tl.constexpr):
-    """``a * b + c`` on half2 containers (uint32, broadcast), rounded once per half: ``fma.rn.f16x2``."""
-    if ASM:
-        return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
-    al, ah = _halves(a)
-    bl, bh = _halves(b)
-    cl, ch = _halves(c)
-    # float64: the product of two fp16 values is exact, so the one rounding is the cast to fp16
-    return _join(al.to(tl.float64) * bl + cl, ah.to(tl.float64) * bh + ch)
-
-
-@triton.jit
-def _hadd2_asm(a, b):
-    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.uint32, is_pure=True,
-                                     pack=1)
-
-
-@triton.jit
-def _hadd2_plain(a, b):
-    al, ah = _halves(a)
-    bl, bh = _halves(b)
-    return _join(al + bl, ah + bh)  # the sum of two fp16 values is exact in fp32
-
-
-@triton.jit
-def hadd2(a, b, ASM: tl.constexpr):
-    """``a + b`` on half2 containers (uint32, broadcast), rounded once per half: ``add.rn.f16x2``."""
-    if ASM:
-        return _hadd2_asm(a, b)
-    return _hadd2_plain(a, b)
-
-
-@triton.jit
 def _h2_sum(v, ASM: tl.constexpr):
     """float32 ``low + high`` of half2 containers ``v``."""
     if ASM:
         return tl.inline_asm_elementwise(
             "{.reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h;"
             " add.f32 $0, a, b;}", "=f,r", [v], dtype=tl.float32, is_pure=True, pack=1)
-    lo, hi = _halves(v)
+    lo, hi = halves(v, False)
     return lo + hi
 
 
@@ -142,7 +89,7 @@ def _x_pairs(xlo, xhi, P: tl.constexpr):
     expo = tl.maximum(tl.minimum(amax.to(tl.int32, bitcast=True) >> 23, 252), PJ)
     jbits = P * ((tl.arange(0, 16) % HALF) % (8 // P))  # P j of each pair's slot
     scale = ((253 + PJ - expo)[:, :, None] - jbits[None, None, :] << 23).to(tl.float32, bitcast=True)
-    pairs = _join(xl * scale, xh * scale)
+    pairs = join(xl * scale, xh * scale, False)
     up = ((253 + PJ - expo) << 23).to(tl.float32, bitcast=True)
     return pairs, xsum * up, ((expo + 1 - PJ) << 23).to(tl.float32, bitcast=True)
 
@@ -164,13 +111,13 @@ def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
         mask = (((1 << P) - 1) << (P * j)) * 0x10001
         v = ((words >> (8 * (t // PER_BYTE))) & mask) | one  # half2 1024 + 2^Pj q, exact
         # minus half2 (1024 + 2^Pj C), C = 2^(P-1): 2^Pj (q - C), exact
-        q = hadd2(v, tl.full([1, 1, 1, 1], (0x8000 | ((25 << 10) + (1 << (P - 1 + P * j)))) * 0x10001, tl.uint32),
-                  ASM)
-        acc = hfma2(q, _pick(xr, t, HALF)[:, :, :, None], acc, ASM)
+        q = pair_add(v, tl.full([1, 1, 1, 1], (0x8000 | ((25 << 10) + (1 << (P - 1 + P * j)))) * 0x10001, tl.uint32),
+                     False, ASM)
+        acc = pair_fma(q, _pick(xr, t, HALF)[:, :, :, None], acc, False, ASM)
     if ASM:
-        acc = tl.reduce(acc, 2, _hadd2_asm)
+        acc = tl.reduce(acc, 2, hadd2_asm)
     else:
-        acc = tl.reduce(acc, 2, _hadd2_plain)
+        acc = tl.reduce(acc, 2, hadd2_plain)
     return _h2_sum(acc, ASM)
 
 
@@ -218,7 +165,7 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
     """``y[:M] = x[:M] @ W^T`` for M <= BM (single-plane codes, 16-bit ``x``); grid (cdiv(N, BN), SPLIT_K).
 
     The arguments are :func:`kernels.triton_gemv.gemv_kernel`'s without ``R1, R2, magic, WIN``, and
-    ``one`` (:data:`H2_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter);
+    ``one`` (:data:`kernels.triton_pairs.F16_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter);
     ``UNROLL`` (1 or 2) steps per loop iteration (a step past ``g_hi`` loads nothing and adds exactly 0).
     """
     tl.static_assert(P1 == 0 and (P0 == 2 or P0 == 4 or P0 == 8))

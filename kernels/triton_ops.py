@@ -33,7 +33,8 @@ from .triton_actquant import actquant_kernel
 from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
 from .triton_gemv import MAGIC_BITS, gemv_kernel
-from .triton_gemv_h2 import ASM, H2_ONE, WHOLE_COLUMN_BG, check_h2, gemv_h2_kernel
+from .triton_gemv_h2 import WHOLE_COLUMN_BG, check_h2, gemv_h2_kernel
+from .triton_pairs import ASM, BF16_ONE, F16_ONE
 from .triton_mma import mma_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
@@ -251,11 +252,12 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
                           EVEN_K=in_features == kq, num_warps=cfg.num_warps)
     elif cfg.kernel == "gemv_h2":
         check_h2(bits, x.dtype)
-        gemv_h2_kernel[grid](*args, H2_ONE, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, EVEN_K=in_features == kq,
+        gemv_h2_kernel[grid](*args, F16_ONE, **consts, BM=bm, BG=cfg.block_k, BN=cfg.block_n, EVEN_K=in_features == kq,
                              ASM=ASM, num_warps=cfg.num_warps)
     else:
-        gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
-                          GROUP_M=cfg.group_m, X_FIRST=cfg.kernel == "gemm", num_warps=cfg.num_warps,
+        pair_one = BF16_ONE if x.dtype == torch.bfloat16 else F16_ONE  # the 16-bit pairs of 2- and 4-bit W @ x^T
+        gemm_kernel[grid](*args, r1, r2, MAGIC_BITS, pair_one, **consts, BM=cfg.block_m, BN=cfg.block_n, BK=cfg.block_k,
+                          GROUP_M=cfg.group_m, X_FIRST=cfg.kernel == "gemm", ASM=ASM, num_warps=cfg.num_warps,
                           num_stages=cfg.num_stages)
     return y
 

@@ -66,6 +66,7 @@ else:
                                         (2, Config("gemv", 2, 16, 2, split_k=3)),
                                         (5, Config("gemm", 16, 16, 32, split_k=3)),
                                         (5, Config("gemm_t", 16, 16, 32, split_k=3)),
+                                        (4, Config("gemm_t", 16, 16, 32, split_k=2)),
                                         (19, Config("gemm", 16, 16, 64, group_m=2)),
                                         (19, Config("gemm_t", 16, 16, 64, group_m=2))])
     def test_linear_wa16_matches_reference(bits, m, cfg):
