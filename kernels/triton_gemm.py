@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish, load_act
-from .triton_pairs import pair_add, pair_fma, splat
+from .triton_pairs import minus_centre, pair_add, pair_fma, splat
 
 
 @triton.jit
@@ -57,12 +57,11 @@ def _dequant_pairs(words, c, zc, one, P: tl.constexpr, OP_DTYPE: tl.constexpr, A
     BF16: tl.constexpr = OP_DTYPE == tl.bfloat16
     HALF: tl.constexpr = 16 // P
     NPOS: tl.constexpr = (7 - P) // P + 1 if BF16 else min(7, 10 - P) // P + 1  # slots per shifted copy
-    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
     C: tl.constexpr = 1 << (P - 1)
     t = tl.arange(0, HALF)[:, None, None]
     p = P * (t % NPOS)
     v = ((words >> (P * t - p).to(tl.uint32)) & ((((1 << P) - 1) << p) * 0x10001).to(tl.uint32)) | one
-    u = pair_add(v, ((0x8000 | (MAGIC + (C << p))) * 0x10001).to(tl.uint32), BF16, ASM)
+    u = pair_add(v, minus_centre(p, P, BF16).to(tl.uint32), BF16, ASM)
     w = pair_fma(u, splat(c * (1.0 / (1 << p).to(tl.float32)), BF16, ASM), splat(C * c - zc, BF16, ASM), BF16, ASM)
     lo = (w & 0xFFFF).to(tl.uint16).to(OP_DTYPE, bitcast=True)
     hi = (w >> 16).to(tl.uint16).to(OP_DTYPE, bitcast=True)

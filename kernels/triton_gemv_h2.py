@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish
-from .triton_pairs import hadd2_asm, hadd2_plain, halves, join, pair_add, pair_fma
+from .triton_pairs import hadd2_asm, hadd2_plain, halves, join, minus_centre, pair_add, pair_fma
 from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 
 H2_BITS = (2, 4, 8)  # single-plane widths
@@ -111,8 +111,7 @@ def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
         mask = (((1 << P) - 1) << (P * j)) * 0x10001
         v = ((words >> (8 * (t // PER_BYTE))) & mask) | one  # half2 1024 + 2^Pj q, exact
         # minus half2 (1024 + 2^Pj C), C = 2^(P-1): 2^Pj (q - C), exact
-        q = pair_add(v, tl.full([1, 1, 1, 1], (0x8000 | ((25 << 10) + (1 << (P - 1 + P * j)))) * 0x10001, tl.uint32),
-                     False, ASM)
+        q = pair_add(v, tl.full([1, 1, 1, 1], minus_centre(P * j, P, False), tl.uint32), False, ASM)
         acc = pair_fma(q, _pick(xr, t, HALF)[:, :, :, None], acc, False, ASM)
     if ASM:
         acc = tl.reduce(acc, 2, hadd2_asm)

@@ -19,6 +19,15 @@ BF16_ONE = 0x43004300  # the bf16 pair (128, 128)
 
 
 @triton.jit
+def minus_centre(p, P: tl.constexpr, BF16: tl.constexpr):
+    """Bits of the pair ``-(M + 2^p C)`` (``M`` = 128 in bf16, 1024 in fp16, ``C = 2^(P-1)``): added to the pair
+    ``M + 2^p q`` that a LOP3 with the pair ``(M, M)`` makes of a ``P``-bit code ``q`` at mantissa bit ``p``, it
+    leaves ``2^p (q - C)`` exactly."""
+    MAGIC: tl.constexpr = 0x4300 if BF16 else 0x6400
+    return (0x8000 | (MAGIC + ((1 << (P - 1)) << p))) * 0x10001
+
+
+@triton.jit
 def halves(v, BF16: tl.constexpr):
     """The halves (low, high) of pair containers ``v`` (uint32), as float32."""
     dt: tl.constexpr = tl.bfloat16 if BF16 else tl.float16
