@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import httpx
 import openai
@@ -37,8 +39,8 @@ def test_concurrent_requests_are_all_answered_without_crosstalk(cpu_server) -> N
         assert sync.completions.create(model="stories", prompt=PROMPT, max_tokens=12, seed=i).choices[0].text == concurrent[i]
 
 
-def test_full_queue_is_503_and_the_server_recovers(cpu_server) -> None:
-    url = cpu_server(bits=2, act_bits=2, max_queue=1)
+def test_full_queue_is_503_and_the_server_recovers(never_ending_server) -> None:
+    url = never_ending_server(max_queue=1)
 
     async def run() -> list[str | openai.APIStatusError]:
         c = async_client(url)
@@ -58,8 +60,28 @@ def test_full_queue_is_503_and_the_server_recovers(cpu_server) -> None:
     assert r.usage.completion_tokens == 3
 
 
-def test_request_timeout_is_504_and_stops_generation(cpu_server) -> None:
-    url = cpu_server(bits=2, act_bits=2, timeout=0.5)
+@pytest.fixture
+def never_ending_server(stories_rtn_ckpt, monkeypatch) -> Iterator[Callable[..., str]]:
+    """``never_ending_server(max_queue=64, timeout=60) -> base URL``: a W2A2 server whose texts never end early.
+
+    EOS is not a stop token there. Sampled stories260K text sometimes reaches EOS within
+    10 tokens (0.15 s), which would finish a request before the queue fills or a timeout runs
+    out; without EOS a request runs to its ``max_tokens``.
+    """
+    from conftest import serving
+    from serve.cpu_server import build_app
+
+    monkeypatch.setattr("serve.engine.eos_token_ids", lambda model, tokenizer: frozenset())
+    with ExitStack() as stack:
+        def start(max_queue: int = 64, timeout: float = 60.0) -> str:
+            app = build_app(str(stories_rtn_ckpt), 2, 2, "stories", None, max_queue, timeout)
+            return stack.enter_context(serving(app))
+
+        yield start
+
+
+def test_request_timeout_is_504_and_stops_generation(never_ending_server) -> None:
+    url = never_ending_server(timeout=0.5)
     c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
     start = time.monotonic()
     with pytest.raises(openai.APIStatusError) as e:
