@@ -41,7 +41,7 @@ def load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.cons
 
 
 @triton.jit
-def _store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT: tl.constexpr,
+def store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT: tl.constexpr,
                   HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
     cmask = cols < N
     out = acc * (tl.load(rs_ptr + cols, mask=cmask, other=0.0) * COL_MULT)[None, :]
@@ -67,7 +67,7 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
     kernel.
     """
     if SPLIT_K == 1:
-        _store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
+        store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
     else:
         BM: tl.constexpr = acc.shape[0]
         BN: tl.constexpr = acc.shape[1]
@@ -85,5 +85,5 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
                                cache_modifier=".cg")
                 total += tl.sum(part, axis=0)
             tl.atomic_xchg(cnt_ptr + tile, 0)
-            _store_scaled(total, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS,
+            store_scaled(total, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS,
                           HAS_BIAS)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import triton
 
+from .gluon_gemm import launch_gemm_ws, ws_supported
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
 from .triton_actquant import actquant_kernel
@@ -53,7 +54,10 @@ class Config:
     dtype with :func:`kernels.triton_gemm.dequant_kernel`, then cuBLAS; for large M, where the
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
-    experimental; block_k is one group, 32; only through :func:`launch_linear_wa`).
+    experimental; block_k is one group, 32; only through :func:`launch_linear_wa`). ``"gemm_ws"``
+    (:mod:`kernels.gluon_gemm`, experimental, never chosen by the table or the rule): the warp-specialized
+    kernel, block_m 128 tokens, ``num_stages`` >= 3 slots; off Hopper, or for multi-plane codes or fp32
+    inputs, the dense path runs instead.
     """
 
     kernel: str
@@ -64,6 +68,9 @@ class Config:
     num_warps: int = 4
     num_stages: int = 2
     group_m: int = 8
+
+
+DENSE = Config("dense", 0, 64, 128, num_warps=4)
 
 
 def _load_table() -> dict[str, Config]:
@@ -150,7 +157,7 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
         while triton.cdiv(n, 128) * split <= sms // 2 and kq // (128 * split) >= 8:
             split *= 2
         return Config("gemm", 128, 128, 128, split_k=split, num_warps=8, num_stages=3)
-    return Config("dense", 0, 64, 128, num_warps=4)
+    return DENSE
 
 
 def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
@@ -224,6 +231,11 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
             cfg = replace(cfg, kernel="gemv")
     if cfg.kernel == "mma8":
         raise ValueError("mma8 runs on activation codes: call launch_linear_wa")
+    if cfg.kernel == "gemm_ws":
+        if ws_supported(bits, x.dtype, x.device):
+            return _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
+                              cfg, y)
+        cfg = DENSE  # fp32 inputs, multi-plane codes or a GPU other than Hopper
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -275,6 +287,16 @@ def dequant_weight(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
         r1, r2, MAGIC_BITS, **consts, COL_MULT=256.0 * 2 ** (master_bits - bits), BN=cfg.block_n, BK=cfg.block_k,
         num_warps=cfg.num_warps)
     return out
+
+
+def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits, cfg, y):
+    """``y = x_expanded @ W_b^T`` with the warp-specialized kernel (the expanded input is a transient copy)."""
+    kq = scales.shape[1] * GROUP_SIZE
+    xe = expand_input(x, split_index, GROUP_SIZE) if x.shape[1] != kq else x
+    _, _, consts = weight_args(bits, master_bits, kq)
+    return launch_gemm_ws(xe, packed, scales, zeros, row_scale, token_scale, bias, bits,
+                          256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_m, cfg.block_n,
+                          cfg.block_k, cfg.num_stages, y)
 
 
 def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,

@@ -47,7 +47,8 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
 
 def grid(m: int, n: int, kq: int) -> list[Config]:
     """Tile configurations to time: few tokens, split-K tiles of both orientations (``gemm`` also with 64-row
-    tiles, wgmma's A height); many tokens, the large tiles of both and the dense path."""
+    tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256 tokens wide, without and
+    with split-K), the warp-specialized tiles and the dense path."""
     out = []
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
@@ -59,11 +60,19 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
                         out += [Config(kernel, bmk, bn, bk, split_k=sk, num_warps=4, num_stages=3)
                                 for sk in sorted({s, 2 * s})]
         return out
-    for kernel in ("gemm", "gemm_t"):
-        out += [Config(kernel, bm, bn, bk, num_warps=w, num_stages=st)
-                for bm, bn, bk, w, st in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
-                                          (128, 128, 128, 8, 3), (128, 256, 64, 8, 4))]
-    return out + [Config("dense", 0, 64, 64, num_warps=4), Config("dense", 0, 32, 128, num_warps=4)]
+    out += [Config("gemm", bm, bn, bk, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in ((64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3),
+                                      (128, 128, 128, 8, 3), (128, 256, 64, 8, 4))]
+    # W @ x^T: block_m tokens are wgmma's N (up to 256), block_n weight rows 64 per warpgroup
+    for bm, bn, bk, w, st in ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3), (256, 64, 64, 4, 3),
+                              (256, 128, 32, 8, 4), (256, 128, 128, 8, 2), (128, 128, 128, 8, 3)):
+        bm = min(bm, max(64, triton.next_power_of_2(m)))
+        s = split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), kq, bk)
+        out += [Config("gemm_t", bm, bn, bk, split_k=sk, num_warps=w, num_stages=st) for sk in sorted({1, s})]
+    # the warp-specialized kernel (Hopper): 128-token tiles, 8 MMA warps
+    out += [Config("gemm_ws", 128, bn, bk, num_warps=8, num_stages=st)
+            for bn, bk, st in ((128, 128, 3), (128, 64, 4), (128, 64, 5), (64, 128, 4))]
+    return list(dict.fromkeys(out + [Config("dense", 0, 64, 128, num_warps=4)]))
 
 
 def rel_err(layer, x: torch.Tensor, ref: torch.Tensor, cfg: Config) -> float:
@@ -114,7 +123,7 @@ def main() -> None:
     for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
         rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "gemm_t", "gemm", "dense")}
+                for lab in ("current", "gemm_t", "gemm", "gemm_ws", "dense")}
         print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
     print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")

@@ -172,6 +172,14 @@ else:
                                lay.master_bits, 4, torch.float16, dense)
         assert rel_err(out, ref) < TOL[torch.float16]
 
+    def test_warp_specialized_config_off_hopper_runs_the_dense_path():
+        """``Config("gemm_ws")`` needs a Hopper GPU (and Gluon has no interpreter): elsewhere the dense path runs."""
+        lay = layer(2, seed=24)
+        x = torch.randn(3, K, dtype=torch.bfloat16)
+        out = run(x, lay, Config("gemm_ws", 128, 128, 64, num_warps=8, num_stages=3), torch.bfloat16)
+        assert torch.equal(out, run(x, lay, triton_ops.DENSE, torch.bfloat16))
+        assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
+
     class Unrolled:
         """Launches a half2 GEMV kernel with ``UNROLL`` steps per loop iteration."""
 

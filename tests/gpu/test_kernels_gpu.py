@@ -19,7 +19,7 @@ from kernels.bench import MS, SHAPES
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
-from kernels.triton_ops import launch_actquant, launch_linear, launch_linear_wa
+from kernels.triton_ops import Config, launch_actquant, launch_linear, launch_linear_wa
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -42,11 +42,11 @@ def poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
 
 
-def check_wa16(layer, m: int, dtype: torch.dtype, g: torch.Generator) -> None:
+def check_wa16(layer, m: int, dtype: torch.dtype, g: torch.Generator, config: Config | None = None) -> None:
     x = torch.randn(m, layer.in_features, device="cuda", generator=g).to(dtype)
     out = poisoned(m, layer.out_features, dtype)
     launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, layer.split_index, None, None,
-                  layer.bits, layer.master_bits, layer.in_features, dtype, out=out)
+                  layer.bits, layer.master_bits, layer.in_features, dtype, config, out)
     assert not out.isnan().any(), f"M={m}: output not fully written"
     w = dequantize(layer.to_quantized_weight(), layer.bits, dtype=torch.float64)
     ref = expand_input(x.double(), layer.split_index, 32) @ w.T
@@ -77,6 +77,53 @@ def test_wa_every_shape(k, n, bits):
         ref = dequantize_activations(quantize_activations(x.cpu(), bits), torch.float64).cuda() @ w.T
         err = rel_err(out, ref)
         assert err <= 1e-2, f"W{bits}A{bits} M={m}: rel err {err:.2e}"
+
+
+hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
+                            reason="the warp-specialized kernel needs a Hopper GPU")
+
+
+@hopper
+@pytest.mark.parametrize("tile", [(128, 128, 3), (128, 64, 4), (64, 128, 4)])
+@pytest.mark.parametrize("bits, dtype", [(2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
+                                         (8, torch.float16)])
+def test_gemm_ws_tiles(tile, bits, dtype):
+    """The warp-specialized kernel on every tile it is tuned over, with partial tiles in M, N and K steps."""
+    bn, bk, stages = tile
+    cfg = Config("gemm_ws", 128, bn, bk, num_warps=8, num_stages=stages)
+    for k, n in ((4096, 1000), (1056, 4096)):  # 1000 columns: a partial N tile; K = 1056: a partial K step
+        layer = make_layer(k, n, bits, gen("ws", k, n, bits))
+        for m in (1, 200, 1024):
+            check_wa16(layer, m, dtype, gen("ws", k, n, bits, m, tile), cfg)
+
+
+@hopper
+def test_gemm_ws_split_channels_token_scale_bias_and_graphs():
+    """Split channels (expanded input), W2A2 (token scales), bias, and a CUDA-graph replay through the kernel."""
+    k, n = 4096, 1024
+    idx = split_region_index(list(range(5, k, 61)), k, 32, segments=4)
+    layer = make_layer(k, n, 2, gen("wss"), idx)
+    cfg = Config("gemm_ws", 128, 128, 128, num_warps=8, num_stages=3)
+    check_wa16(layer, 300, torch.bfloat16, gen("wss", 1), cfg)
+    bias = torch.randn(n, device="cuda", generator=gen("wsb")).to(torch.bfloat16)
+    w = dequantize(layer.to_quantized_weight(), 2, dtype=torch.float64)
+    x = torch.randn(300, k, device="cuda", generator=gen("wss", 2)).to(torch.bfloat16)
+
+    def run(inp):
+        return launch_linear_wa(inp, layer.packed, layer.scales, layer.zeros, layer.row_scale, layer.split_index, bias,
+                                2, 8, 2, torch.bfloat16, cfg)
+
+    out = run(x)
+    ref = dequantize_activations(quantize_activations(x.cpu(), 2, idx), torch.float64).cuda() @ w.T + bias.double()
+    assert not out.isnan().any() and rel_err(out, ref) <= 1e-2
+    static_x = x.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = run(static_x)
+    fresh = torch.randn(300, k, device="cuda", generator=gen("wss", 3)).to(torch.bfloat16)
+    static_x.copy_(fresh)
+    graph.replay()
+    assert torch.equal(static_out, run(fresh))
 
 
 @pytest.mark.parametrize("k", sorted({k for k, _ in SHAPES}))
