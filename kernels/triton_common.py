@@ -42,7 +42,7 @@ def load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT: tl.cons
 
 @triton.jit
 def store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT: tl.constexpr,
-                  HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                 HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
     cmask = cols < N
     out = acc * (tl.load(rs_ptr + cols, mask=cmask, other=0.0) * COL_MULT)[None, :]
     if HAS_TS:
@@ -86,4 +86,4 @@ def finish(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws
                 total += tl.sum(part, axis=0)
             tl.atomic_xchg(cnt_ptr + tile, 0)
             store_scaled(total, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS,
-                          HAS_BIAS)
+                         HAS_BIAS)
