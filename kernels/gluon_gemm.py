@@ -124,8 +124,9 @@ def _produce_partition(x_desc, w_ptr, s_ptr, z_ptr, stride_ww, stride_wn, stride
 
     The first producer also copies the activation tiles in by TMA, ``STAGES - 2`` steps ahead of its dequantization
     (a copy issued with the step's own dequantization arrived late: the MMA warps waited for the activations). The
-    codes are loaded two steps ahead, after the step's fence: ``fence_async_shared`` waits for the thread's
-    outstanding loads (``MEMBAR.ALL.CTA``), so codes loaded one step ahead, before it, would not arrive earlier.
+    codes are loaded two steps ahead, after the step's fence: ``fence_async_shared`` compiles to ``MEMBAR.ALL.CTA``
+    before the proxy fence, which orders (and so waits for) the thread's earlier loads, so codes loaded one step
+    ahead, before it, would be waited for there.
     """
     STAGES: gl.constexpr = w_bufs.type.shape[0]
     BK: gl.constexpr = w_bufs.type.shape[2]
@@ -194,6 +195,7 @@ def gemm_ws_kernel(x_desc, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     rows = off_m + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
     cols = off_n + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
     store_scaled(acc, rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
+
 
 MMA_WARPS = 8
 MAX_REGS = 128  # 16 warps (8 MMA, 2 x 4 producer) x 32 threads x 128 registers fill the register file (64 K)
