@@ -26,7 +26,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.bench import bf16_calls, copies_for, graph_time_us, make_layers, parse_shapes, time_kernel  # noqa: E402
+from kernels.bench import (bf16_calls, bf16_weights, copies_for, graph_time_us, make_layers,  # noqa: E402
+                           parse_shapes, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
@@ -94,7 +95,7 @@ def main() -> None:
     for bits in map(int, args.bits.split(",")):
         for k, n in parse_shapes(args.shapes):
             layers = make_layers(k, n, bits, copies_for(n * k * bits // 8))
-            w16 = [torch.randn(n, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies_for(2 * n * k))]
+            w16 = bf16_weights(k, n)
             for m in map(int, args.ms.split(",")):
                 x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 y16 = torch.empty(m, n, dtype=torch.bfloat16, device="cuda")
