@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .gluon_gemm import WARPS as WS_WARPS
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
@@ -64,6 +65,9 @@ H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4), (128, 2, 1), (12
 # whole-column half2 tiles (many groups per step, about one program per SM) that --tune tries at M <= 2: at M = 1 they
 # took 4-37 % less time than the tuned split-K tiles in the session-9 probe (docs/BENCHMARKS.md)
 WHOLE_COLUMN_TILES = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (16, 32, 4), (64, 16, 8)]
+# (BM, BN, stages) of the warp-specialized kernel (BK 64) that --tune tries from 129 tokens; each won some shape in
+# scripts/gemm_ab.py (docs/results/gemm-ws-ab-h200.json, session 12), (128, 64, 6) none
+WS_TILES = [(128, 128, 4), (128, 128, 6), (256, 128, 4), (128, 256, 4), (256, 64, 5)]
 
 
 def graph_times_us(call_lists: list[list], trials: int = 7, min_ms: float = 20.0) -> list[float]:
@@ -229,7 +233,8 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``: the half2 GEMV's tiles
     (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest
-    (split-K up to 512 tokens) and the dense path from 65 tokens."""
+    (split-K up to 512 tokens), the dense path from 65 tokens and the warp-specialized kernel's tiles (:data:`WS_TILES`)
+    from 129."""
     h2 = []
     if m <= 4 and bits in (2, 4):
         bm = m if m <= 2 else 4
@@ -254,13 +259,17 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
             tiles += [Config("gemm", 64, bn, 128, split_k=s, num_warps=4, num_stages=3) for bn in (64, 128)
                       for s in (4, 8, 16)]
         return tiles + h2
-    if m <= 512:  # one or two 128-row tiles: split-K keeps every SM busy
-        return ([Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
-                 for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)]
-                + [Config("dense", 0, 64, 128, num_warps=4)])
-    return ([Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
-             for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8))]
-            + [Config("dense", 0, 64, 128, num_warps=4)])
+    dense = [Config("dense", 0, 64, 128, num_warps=4)]
+    if m <= 128:  # one 128-row tile: split-K keeps every SM busy
+        return [Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
+                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)] + dense
+    # the warp-specialized kernel (Hopper, 2- and 4-bit codes; docs/results/gemm-ws-ab-h200.json) from 129 tokens
+    ws = [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st) for bm, bn, st in WS_TILES] if bits in (2, 4) else []
+    if m <= 512:
+        return [Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
+                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)] + ws + dense
+    return [Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
+            for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8))] + ws + dense
 
 
 def tune(shapes, ms, bits_list, budget_s: float) -> None:

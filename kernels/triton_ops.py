@@ -55,9 +55,9 @@ class Config:
     GEMM is compute-bound and the transient ``N x Kq`` copy is cheap next to it); for quantized
     activations also ``"mma8"`` (:mod:`kernels.triton_mma`, int8 tensor cores on the activation codes,
     experimental; block_k is one group, 32; only through :func:`launch_linear_wa`). ``"gemm_ws"``
-    (:mod:`kernels.gluon_gemm`, experimental, never chosen by the table or the rule): the warp-specialized
-    kernel, block_m 128 tokens, ``num_stages`` >= 3 slots; off Hopper, or for multi-plane codes or fp32
-    inputs, the dense path runs instead.
+    (:mod:`kernels.gluon_gemm`; the table's choice for some shapes at 129..256 tokens, never the rule's): the
+    warp-specialized kernel, block_m 128 or 256 tokens, block_k 64, ``num_warps`` 12, ``num_stages`` >= 3 slots;
+    off Hopper, or for 3- or 8-bit codes, fp32 inputs or row-major codes, the dense path runs instead.
     """
 
     kernel: str
@@ -232,10 +232,10 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if cfg.kernel == "mma8":
         raise ValueError("mma8 runs on activation codes: call launch_linear_wa")
     if cfg.kernel == "gemm_ws":
-        if ws_supported(bits, x.dtype, x.device):
+        if ws_supported(bits, x.dtype, packed, scales):
             return _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                               cfg, y)
-        cfg = DENSE  # fp32 inputs, multi-plane codes or a GPU other than Hopper
+        cfg = DENSE  # fp32 inputs, 3- or 8-bit codes, row-major codes or a GPU other than Hopper
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)

@@ -95,6 +95,24 @@ def hadd2_plain(a, b):
 
 
 @triton.jit
+def low_halves(a, b, ASM: tl.constexpr):
+    """The container of ``a``'s low half (low) and ``b``'s low half (high): one ``prmt.b32`` (byte permute)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    return (a & 0xFFFF) | (b << 16)
+
+
+@triton.jit
+def high_halves(a, b, ASM: tl.constexpr):
+    """The container of ``a``'s high half (low) and ``b``'s high half (high): one ``prmt.b32``."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x7632;", "=r,r,r", [a, b], dtype=tl.uint32,
+                                         is_pure=True, pack=1)
+    return (a >> 16) | (b & 0xFFFF0000)
+
+
+@triton.jit
 def pair_add(a, b, BF16: tl.constexpr, ASM: tl.constexpr):
     """``a + b`` on pair containers (uint32, broadcast), rounded once per half: ``add.rn.{f16,bf16}x2``."""
     if ASM:

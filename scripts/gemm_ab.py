@@ -26,8 +26,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.bench import (bf16_calls, bf16_weights, copies_for, graph_time_us, make_layers,  # noqa: E402
-                           parse_shapes, time_kernel)
+from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_for, graph_time_us,  # noqa: E402
+                           make_layers, parse_shapes, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
@@ -70,9 +70,8 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
         bm = min(bm, max(64, triton.next_power_of_2(m)))
         s = split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), kq, bk)
         out += [Config("gemm_t", bm, bn, bk, split_k=sk, num_warps=w, num_stages=st) for sk in sorted({1, s})]
-    # the warp-specialized kernel (Hopper): 128-token tiles, 8 MMA warps
-    out += [Config("gemm_ws", 128, bn, bk, num_warps=8, num_stages=st)
-            for bn, bk, st in ((128, 128, 3), (128, 64, 4), (128, 64, 5), (64, 128, 4))]
+    # the warp-specialized kernel (Hopper): 8 MMA warps and a producer warpgroup
+    out += [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st) for bm, bn, st in WS_TILES + [(128, 64, 6)]]
     return list(dict.fromkeys(out + [Config("dense", 0, 64, 128, num_warps=4)]))
 
 
@@ -89,6 +88,8 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="K x N shapes, comma-separated (default %(default)s)")
     ap.add_argument("--ms", default=MS, help="token counts, comma-separated (default %(default)s)")
     ap.add_argument("--bits", default="2", help="weight widths, comma-separated (default %(default)s)")
+    ap.add_argument("--kernels", default="current,gemm_t,gemm,gemm_ws,dense",
+                    help="which of the grid's kernels to time, comma-separated (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="JSON records to write")
     args = ap.parse_args()
     start, records, failures = time.time(), [], 0
@@ -104,7 +105,9 @@ def main() -> None:
                 xc = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), bits)
                 current = choose_config(bits, m, n, k)
-                for label, cfg in [("current", current)] + [(c.kernel, c) for c in grid(m, n, k)]:
+                labels = args.kernels.split(",")
+                for label, cfg in [(lab, c) for lab, c in [("current", current)] + [(c.kernel, c) for c in grid(m, n, k)]
+                                   if lab in labels]:
                     rec = dict(bits=bits, K=k, N=n, M=m, label=label, config=cfg.__dict__, bf16_us=round(bf16_us, 2))
                     try:
                         err = rel_err(layers[0], xc, ref, cfg)

@@ -21,9 +21,11 @@ else:
     from triton.runtime import interpreter
 
     from kernels.actquant import dequantize_activations, quantize_activations
+    from kernels.gluon_gemm import group_means, zero_terms
+    from kernels.grid import affine_params, dequantize, slice_codes
     from kernels.ops import pack_linear
     from kernels.reference import linear_wa, linear_wa16
-    from kernels.split import quantize_split_weight, split_region_index
+    from kernels.split import expand_input, quantize_split_weight, split_region_index
     from kernels import triton_ops
     from kernels.bench import candidates
     from kernels.triton_ops import ActQuantTile, Config, launch_actquant, launch_linear, launch_linear_wa
@@ -176,9 +178,29 @@ else:
         """``Config("gemm_ws")`` needs a Hopper GPU (and Gluon has no interpreter): elsewhere the dense path runs."""
         lay = layer(2, seed=24)
         x = torch.randn(3, K, dtype=torch.bfloat16)
-        out = run(x, lay, Config("gemm_ws", 128, 128, 64, num_warps=8, num_stages=3), torch.bfloat16)
+        out = run(x, lay, Config("gemm_ws", 256, 128, 64, num_warps=12, num_stages=4), torch.bfloat16)
         assert torch.equal(out, run(x, lay, triton_ops.DENSE, torch.bfloat16))
         assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
+
+    @pytest.mark.parametrize("bits", [2, 4])
+    def test_warp_specialized_operands_carry_the_zero_points(bits):
+        """The warp-specialized kernel's split ``x W_b^T = x (q c)^T + means(x) zero_terms^T`` (times the column
+        scale ``row_scale 256 2^(8-b)``): its two operand kernels, :func:`group_means` and :func:`zero_terms`, hold
+        the zero points' part with the format's signs and scales (up to their one rounding to fp16)."""
+        lay = layer(bits, n=40, seed=7)
+        qw = lay.to_quantized_weight()
+        x = expand_input(torch.randn(9, K), lay.split_index, 32).to(torch.float16)
+        step_b, zero_b = affine_params(qw, bits)
+        q = slice_codes(qw.codes, bits, qw.master_bits).double()
+        codes_part = x.double() @ (q * step_b.double().repeat_interleave(32, dim=1)).T
+        _, _, consts = triton_ops.weight_args(bits, lay.master_bits, x.shape[1])
+        means, zt = group_means(x), zero_terms(lay.scales, lay.zeros, consts["ZOFF"], consts["ZMUL"], torch.float16)
+        assert means.stride(0) % 8 == 0 and zt.stride(0) % 8 == 0  # rows 16-byte aligned for TMA
+        col_scale = lay.row_scale.double() * 256 * 2 ** (lay.master_bits - bits)
+        out = codes_part + (means.double() @ zt.double().T) * col_scale
+        ref = x.double() @ dequantize(qw, bits, dtype=torch.float64).T
+        assert rel_err(out, ref) < TOL[torch.float16]
+        assert rel_err(means, x.double().view(9, -1, 32).mean(dim=2)) < 2 ** -10  # fp16, truncated here
 
     class Unrolled:
         """Launches a half2 GEMV kernel with ``UNROLL`` steps per loop iteration."""

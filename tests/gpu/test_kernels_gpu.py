@@ -16,6 +16,7 @@ import torch
 
 from kernels.actquant import dequantize_activations, quantize_activations
 from kernels.bench import MS, SHAPES
+from kernels.gluon_gemm import WARPS as WS_WARPS
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
@@ -84,13 +85,14 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 
 @hopper
-@pytest.mark.parametrize("tile", [(128, 128, 3), (128, 64, 4), (64, 128, 4)])
+@pytest.mark.parametrize("tile", [(128, 128, 4), (256, 128, 4), (128, 256, 4), (256, 64, 5)])
 @pytest.mark.parametrize("bits, dtype", [(2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
-                                         (8, torch.float16)])
+                                         (4, torch.float16), (8, torch.float16)])
 def test_gemm_ws_tiles(tile, bits, dtype):
-    """The warp-specialized kernel on every tile it is tuned over, with partial tiles in M, N and K steps."""
-    bn, bk, stages = tile
-    cfg = Config("gemm_ws", 128, bn, bk, num_warps=8, num_stages=stages)
+    """The warp-specialized kernel on the tiles it is timed over, with partial tiles in M, N and K steps (8-bit
+    codes run the dense path)."""
+    bm, bn, stages = tile
+    cfg = Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=stages)
     for k, n in ((4096, 1000), (1056, 4096)):  # 1000 columns: a partial N tile; K = 1056: a partial K step
         layer = make_layer(k, n, bits, gen("ws", k, n, bits))
         for m in (1, 200, 1024):
@@ -103,7 +105,7 @@ def test_gemm_ws_split_channels_token_scale_bias_and_graphs():
     k, n = 4096, 1024
     idx = split_region_index(list(range(5, k, 61)), k, 32, segments=4)
     layer = make_layer(k, n, 2, gen("wss"), idx)
-    cfg = Config("gemm_ws", 128, 128, 128, num_warps=8, num_stages=3)
+    cfg = Config("gemm_ws", 256, 128, 64, num_warps=WS_WARPS, num_stages=4)
     check_wa16(layer, 300, torch.bfloat16, gen("wss", 1), cfg)
     bias = torch.randn(n, device="cuda", generator=gen("wsb")).to(torch.bfloat16)
     w = dequantize(layer.to_quantized_weight(), 2, dtype=torch.float64)
