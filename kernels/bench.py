@@ -66,7 +66,7 @@ H2_TILES = [(256, 1, 2), (256, 2, 2), (512, 1, 4), (512, 2, 4), (128, 2, 1), (12
 # took 4-37 % less time than the tuned split-K tiles in the session-9 probe (docs/BENCHMARKS.md)
 WHOLE_COLUMN_TILES = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (16, 32, 4), (64, 16, 8)]
 # (BM, BN, stages) of the warp-specialized kernel (BK 64) that --tune tries from 129 tokens; each won some shape in
-# scripts/gemm_ab.py (docs/results/gemm-ws-ab-h200.json, session 12), (128, 64, 6) none
+# scripts/gemm_ab.py (docs/results/gemm-ws-ab-h200-s12.json), (128, 64, 6) none
 WS_TILES = [(128, 128, 4), (128, 128, 6), (256, 128, 4), (128, 256, 4), (256, 64, 5)]
 
 
@@ -262,12 +262,15 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     dense = [Config("dense", 0, 64, 128, num_warps=4)]
     if m <= 128:  # one 128-row tile: split-K keeps every SM busy
         return [Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
-                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)] + dense
-    # the warp-specialized kernel (Hopper, 2- and 4-bit codes; docs/results/gemm-ws-ab-h200.json) from 129 tokens
-    ws = [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st) for bm, bn, st in WS_TILES] if bits in (2, 4) else []
+                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8))
+                for s in (1, 2, 4)] + dense
+    # the warp-specialized kernel (Hopper, 2- and 4-bit codes) from 129 tokens
+    ws = [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st) for bm, bn, st in WS_TILES
+          if bits in (2, 4)]
     if m <= 512:
         return [Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)
-                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8)) for s in (1, 2, 4)] + ws + dense
+                for bm, bn, bk, w in ((64, 128, 128, 4), (128, 128, 64, 8), (128, 128, 128, 8))
+                for s in (1, 2, 4)] + ws + dense
     return [Config("gemm", bm, bn, bk, num_warps=w, num_stages=3)
             for bm, bn, bk, w in ((128, 128, 64, 8), (128, 256, 64, 8))] + ws + dense
 

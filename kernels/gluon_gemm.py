@@ -7,9 +7,10 @@ sharing a ring of ``STAGES`` shared-memory slots (an activation tile and a weigh
   wgmma, both operands from shared memory, keep one step in flight and hand each slot back once its wgmma is
   done; ``row_scale`` (and a per-token scale and bias) is applied once per output in the epilogue;
 * one producer warpgroup copies each step's activations, packed codes and scale bytes into its slot with TMA,
-  ahead of its work, and writes the step's weight tile as ``q * c`` (code times the group's E4M3 scale / 256) in 16-bit pairs: one LOP3 puts two codes of a
-  word into a pair ``(M + q, M + q')`` (``M`` = 128 in bf16, 1024 in fp16), one ``fma.{bf16,f16}x2`` by
-  ``(c, c)`` minus ``(M c, M c)`` leaves ``(q c, q' c)`` exactly, and one PRMT per pair restores the order of K.
+  ahead of its work, and writes the step's weight tile as ``q * c`` (code times the group's E4M3 scale / 256)
+  in 16-bit pairs: one LOP3 puts two codes of a word into a pair ``(M + q, M + q')`` (``M`` = 128 in bf16,
+  1024 in fp16), one ``fma.{bf16,f16}x2`` by ``(c, c)`` minus ``(M c, M c)`` leaves ``(q c, q' c)`` exactly,
+  and one PRMT per pair restores the order of K.
 
 The zero points are not in the weight tile: ``sum_k x_k (q_k - zero_g) c_g = sum_k x_k q_k c_g - sum_g
 (x-mean_g) (32 c_g zero_g)``, so the kernel walks ``G / BK`` more steps after the ``Kq / BK`` of the codes, whose
@@ -78,8 +79,9 @@ def _scaled_codes(words, sbytes, pair_one, BF16: gl.constexpr):
     ``pair_one`` is the pair ``(M, M)``, a run-time argument so that the mask and the OR are one LOP3.
 
     Pair ``j`` of a word (``P0``-bit codes) holds codes ``j`` and ``j + 16 / P0``, which sit 16 bits apart: one LOP3
-    of the shifted word with the pair ``(M, M)`` makes ``(M + q_j, M + q_j')`` and one pair FMA ``(c, c) x - (M c, M c)``
-    leaves ``(q_j c, q_j' c)`` exactly; PRMTs of pairs ``2i`` and ``2i + 1`` then give codes ``(2i, 2i + 1)``."""
+    of the shifted word with the pair ``(M, M)`` makes ``(M + q_j, M + q_j')`` and one pair FMA
+    ``(c, c) x - (M c, M c)`` leaves ``(q_j c, q_j' c)`` exactly; PRMTs of pairs ``2i`` and ``2i + 1`` then give
+    codes ``(2i, 2i + 1)``."""
     ROWS: gl.constexpr = words.shape[0]
     GS: gl.constexpr = words.shape[1]
     P0: gl.constexpr = words.shape[2]
@@ -309,12 +311,14 @@ def launch_gemm_ws(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
         x = x.clone(memory_format=torch.contiguous_format)  # TMA reads 16-byte aligned rows
     su8 = scales.view(torch.uint8)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
-    gemm_ws_kernel[grid](_descriptor(x, [block_m, block_k], True), _descriptor(group_means(x), [block_m, block_k], True),
+    gemm_ws_kernel[grid](_descriptor(x, [block_m, block_k], True),
+                         _descriptor(group_means(x), [block_m, block_k], True),
                          _descriptor(packed.t(), [block_k * bits // 32, block_n], False),
                          _descriptor(su8.t(), [block_k // GROUP_SIZE, block_n], False),
                          _descriptor(zero_terms(scales, zeros, zoff, zmul, x.dtype), [block_n, block_k], True),
                          row_scale, token_scale if token_scale is not None else row_scale,
                          bias if bias is not None else row_scale, y, m, n, kq, y.stride(0),
-                         BF16_ONE if x.dtype == torch.bfloat16 else F16_ONE, COL_MULT=col_mult, BN=block_n, STAGES=stages, HAS_TS=token_scale is not None,
+                         BF16_ONE if x.dtype == torch.bfloat16 else F16_ONE, COL_MULT=col_mult, BN=block_n,
+                         STAGES=stages, HAS_TS=token_scale is not None,
                          HAS_BIAS=bias is not None, num_warps=MMA_WARPS, maxnreg=MAX_REGS)
     return y

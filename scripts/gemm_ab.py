@@ -71,7 +71,8 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
         s = split_for(triton.cdiv(m, bm) * triton.cdiv(n, bn), kq, bk)
         out += [Config("gemm_t", bm, bn, bk, split_k=sk, num_warps=w, num_stages=st) for sk in sorted({1, s})]
     # the warp-specialized kernel (Hopper): 8 MMA warps and a producer warpgroup
-    out += [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st) for bm, bn, st in WS_TILES + [(128, 64, 6)]]
+    out += [Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=st)
+            for bm, bn, st in WS_TILES + [(128, 64, 6)]]
     return list(dict.fromkeys(out + [Config("dense", 0, 64, 128, num_warps=4)]))
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels.actquant import dequantize_activations, quantize_activations
-from kernels.bench import MS, SHAPES
+from kernels.bench import MS, SHAPES, WS_TILES
 from kernels.gluon_gemm import WARPS as WS_WARPS
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
@@ -85,11 +85,11 @@ hopper = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_devi
 
 
 @hopper
-@pytest.mark.parametrize("tile", [(128, 128, 4), (256, 128, 4), (128, 256, 4), (256, 64, 5)])
+@pytest.mark.parametrize("tile", WS_TILES)
 @pytest.mark.parametrize("bits, dtype", [(2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
                                          (4, torch.float16), (8, torch.float16)])
 def test_gemm_ws_tiles(tile, bits, dtype):
-    """The warp-specialized kernel on the tiles it is timed over, with partial tiles in M, N and K steps (8-bit
+    """The warp-specialized kernel on every tile ``--tune`` tries, with partial tiles in M, N and K steps (8-bit
     codes run the dense path)."""
     bm, bn, stages = tile
     cfg = Config("gemm_ws", bm, bn, 64, num_warps=WS_WARPS, num_stages=stages)
