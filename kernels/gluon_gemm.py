@@ -254,10 +254,10 @@ def zero_terms_kernel(s_ptr, z_ptr, out_ptr, N, G, stride_sn, stride_sg, stride_
     tl.store(out_ptr + n * stride_on + g, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _padded(rows: int, g: int, like: torch.Tensor) -> torch.Tensor:
-    """``[rows, G]`` in ``like``'s dtype whose rows start 16-byte aligned (TMA), from a ``[rows, G rounded up to 8]``
+def _padded(rows: int, g: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``[rows, G]`` (16-bit ``dtype``) whose rows start 16-byte aligned (TMA), from a ``[rows, G rounded up to 8]``
     buffer."""
-    return torch.empty(rows, triton.cdiv(g, 8) * 8, dtype=like.dtype, device=like.device)[:, :g]
+    return torch.empty(rows, triton.cdiv(g, 8) * 8, dtype=dtype, device=device)[:, :g]
 
 
 def group_means(x: torch.Tensor) -> torch.Tensor:
@@ -265,7 +265,7 @@ def group_means(x: torch.Tensor) -> torch.Tensor:
     zero-point steps."""
     m, kq = x.shape
     g = kq // GROUP_SIZE
-    out = _padded(m, g, x)
+    out = _padded(m, g, x.dtype, x.device)
     group_means_kernel[(triton.cdiv(m, 16), triton.cdiv(g, 16))](x, out, m, g, x.stride(0), out.stride(0), BM=16,
                                                                  BG=16, num_warps=4)
     return out
@@ -276,7 +276,7 @@ def zero_terms(scales: torch.Tensor, zeros: torch.Tensor, zoff: float, zmul: flo
     zoff) * zmul``, ``c`` = E4M3 scale / 256)."""
     n, g = scales.shape
     su8 = scales.view(torch.uint8)
-    out = _padded(n, g, torch.empty(0, dtype=dtype, device=scales.device))
+    out = _padded(n, g, dtype, scales.device)
     zero_terms_kernel[(triton.cdiv(n, 64), triton.cdiv(g, 64))](su8, zeros, out, n, g, su8.stride(0), su8.stride(1),
                                                                out.stride(0), ZOFF=zoff, ZMUL=zmul, BN=64, BG=64,
                                                                num_warps=4)
@@ -299,7 +299,9 @@ def launch_gemm_ws(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     """``y = x @ W_b^T`` (times ``row_scale * col_mult`` per column, ``token_scale`` per row, plus ``bias``) with
     :func:`gemm_ws_kernel` on ``block_m x block_n`` tiles; ``x [M, Kq]`` holds the expanded input (16-bit), the
     weight is K-major (:func:`ws_supported`)."""
-    smem = stages * ((block_m + block_n) * block_k * x.element_size() + block_k * (bits + 1) * block_n // GROUP_SIZE)
+    # a slot: activation and weight tiles, the step's packed codes and its scale bytes
+    smem = stages * ((block_m + block_n) * block_k * x.element_size() + block_n * block_k * bits // 8
+                     + block_n * block_k // GROUP_SIZE)
     if (block_m not in (128, 256) or block_n % 64 or not 64 <= block_n <= 256 or block_m * block_n > 32768
             or block_k % 64 or stages < 3 or smem > SMEM_BYTES):
         raise ValueError(f"gemm_ws takes block_m 128 or 256, block_n 64..256 (a multiple of 64, at most 32768 outputs "
