@@ -28,6 +28,7 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
+from .gluon_gemv import launch_gemv_mma, mma_gemv_supported
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
 from .triton_actquant import actquant_kernel
@@ -57,7 +58,10 @@ class Config:
     experimental; block_k is one group, 32; only through :func:`launch_linear_wa`). ``"gemm_ws"``
     (:mod:`kernels.gluon_gemm`; the table's choice for some shapes at 129..256 tokens, never the rule's): the
     warp-specialized kernel, block_m 128 or 256 tokens, block_k 64, ``num_warps`` 12, ``num_stages`` >= 3 slots;
-    off Hopper, or for 3- or 8-bit codes, fp32 inputs or row-major codes, the dense path runs instead.
+    off Hopper, or for 3- or 8-bit codes, fp32 inputs or row-major codes, the dense path runs instead. ``"gemv_mma"``
+    (:mod:`kernels.gluon_gemv`; the table's choice for many shapes at 2..8 tokens): ``mma.sync`` on ``q c`` pairs
+    built in registers, block_m 8 tokens, block_n ``32 * num_warps`` channels, block_k 128; calls it does not take
+    (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's kernel.
     """
 
     kernel: str
@@ -236,6 +240,11 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
             return _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                               cfg, y)
         cfg = DENSE  # fp32 inputs, 3- or 8-bit codes, row-major codes or a GPU other than Hopper
+    has_split = split_index is not None and split_index.numel() > 0
+    if cfg.kernel == "gemv_mma":
+        if mma_gemv_supported(bits, x, packed, scales, kq, has_split):
+            return _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
+        cfg = default_config(bits, m, n, kq)  # fp32 inputs, 3- or 8-bit codes, split channels, other shapes
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -243,7 +252,6 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if gemv and m > cfg.block_m:
         raise ValueError(f"this GEMV configuration takes at most {cfg.block_m} rows, got {m}")
     mult = 2 ** (master_bits - bits)
-    has_split = split_index is not None and split_index.numel() > 0
     bm = cfg.block_m
     tiles = triton.cdiv(n, cfg.block_n) * (1 if gemv else triton.cdiv(m, bm))
     split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
@@ -297,6 +305,17 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
     return launch_gemm_ws(xe, packed, scales, zeros, row_scale, token_scale, bias, bits,
                           256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_m, cfg.block_n,
                           cfg.block_k, cfg.num_stages, y)
+
+
+def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
+    """``y = x @ W_b^T`` for at most 8 tokens with the tensor-core decode kernel (:mod:`kernels.gluon_gemv`)."""
+    n = scales.shape[0]
+    tiles = triton.cdiv(n, cfg.block_n)
+    split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
+    _, _, consts = weight_args(bits, master_bits, scales.shape[1] * GROUP_SIZE)
+    return launch_gemv_mma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
+                           256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.num_warps, split_k,
+                           ws, cnt, y)
 
 
 def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,

@@ -51,6 +51,12 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
     tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256 tokens wide, without and
     with split-K), the warp-specialized tiles and the dense path."""
     out = []
+    if m <= 8:  # the tensor-core decode kernel: 1, 2 or 4 warps of 32 channels, split-K for about 2-8 programs per SM
+        for warps in (1, 2, 4):
+            tiles = triton.cdiv(n, 32 * warps)
+            s = split_for(tiles, kq, 256)
+            out += [Config("gemv_mma", 8, 32 * warps, 128, split_k=sk, num_warps=warps)
+                    for sk in sorted({s, 2 * s, 4 * s})]
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         for kernel, bms in (("gemm_t", (bm,)), ("gemm", sorted({bm, 64}))):
@@ -128,7 +134,7 @@ def main() -> None:
     for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
         rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "gemm_t", "gemm", "gemm_ws", "dense")}
+                for lab in ("current", "gemv_mma", "gemm_t", "gemm", "gemm_ws", "dense")}
         print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
     print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")

@@ -99,6 +99,29 @@ def test_gemm_ws_tiles(tile, bits, dtype):
             check_wa16(layer, m, dtype, gen("ws", k, n, bits, m, tile), cfg)
 
 
+@pytest.mark.parametrize("bits, dtype", [(2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
+                                         (4, torch.float16)])
+@pytest.mark.parametrize("warps, split", [(1, 1), (2, 4), (4, 16)])
+def test_gemv_mma(bits, dtype, warps, split):
+    """The tensor-core decode kernel at 1..8 tokens: partial program tiles in N (N = 4000 with 64 and 128 channels
+    per program), split counts that do not divide the steps, token scales and bias; 9 tokens fall back to the
+    other kernels."""
+    cfg = Config("gemv_mma", 8, 32 * warps, 128, split_k=split, num_warps=warps)
+    for k, n in ((4096, 4000), (11008, 1024)):
+        layer = make_layer(k, n, bits, gen("mma", k, n, bits))
+        for m in (1, 2, 3, 5, 8, 9):
+            check_wa16(layer, m, dtype, gen("mma", k, n, bits, m, warps, split), cfg)
+        x = torch.randn(3, k, device="cuda", generator=gen("mma-ts", k)).to(dtype)
+        ts = torch.rand(3, device="cuda", generator=gen("mma-ts")) + 0.5
+        bias = torch.randn(n, device="cuda", generator=gen("mma-b")).to(dtype)
+        out = poisoned(3, n, dtype)
+        launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, bias, bits, 8, k, dtype,
+                      cfg, out)
+        w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
+        err = rel_err(out, (x.double() @ w.T) * ts.double()[:, None] + bias.double())
+        assert not out.isnan().any() and err <= 1e-2, f"token scale and bias: rel err {err:.2e}"
+
+
 @hopper
 def test_gemm_ws_split_channels_token_scale_bias_and_graphs():
     """Split channels (expanded input), W2A2 (token scales), bias, and a CUDA-graph replay through the kernel."""

@@ -1,0 +1,397 @@
+"""W{b}A16 linear for 1..8 tokens on tensor cores: 16-bit ``q c`` pairs built in registers, ``mma.sync`` (Gluon).
+
+Why: at decode sizes the CUDA-core GEMV (``triton_gemv_h2``) spends about three instructions per code (a LOP3, an
+``add.x2`` and an ``fma.x2`` per pair of codes, plus the per-group scale and zero point of every column and token),
+and the ``W @ x^T`` tensor-core tiles about five: both are bound by instruction issue, not by the bytes they read.
+Here a warp's tensor cores do the multiply-accumulate for up to 8 tokens at once, so per pair of codes only two
+instructions are left, whatever the token count:
+
+* one LOP3 of a packed word with the pair ``(2^(E-p), 2^(E-p))`` turns codes ``i`` and ``i + 16/P`` (which sit
+  16 bits apart) into the 16-bit pair ``(2^(E-p) + q, 2^(E-p) + q')`` (``E`` = 10 in fp16, 7 in bf16; the code
+  at mantissa bit ``p``, so one shift of the word serves several pairs);
+* one ``fma.rn.{f16,bf16}x2`` by ``(c, c)`` plus ``(-2^(E-p) c, -2^(E-p) c)`` leaves ``(q c, q' c)`` exactly
+  (``c`` = E4M3 / 256; ``q c`` has at most 8 significant bits);
+* the pairs are the A operand of ``mma.sync.m16n8k16`` (16 output channels x 16 K) as they are: the order of K
+  inside an A register does not matter as long as the activations (B, 8 tokens) follow it, so the activation pairs
+  are permuted instead, once per step for all channels (one PRMT per pair).
+
+The zero points stay out of the weights: ``sum_k x_k (q_k - z_g) c_g = sum_k x_k q_k c_g - z_g c_g X_g`` with
+``X_g`` the activations' group sum, which one more ``mma.sync`` per 16 K computes exactly (a 0/1 selector times the
+activations) and one shuffle per token brings to the lanes that dequantize group ``g``; the ``z c X`` terms are
+accumulated in fp32. (One token runs too, but the half2 GEMV is faster there: docs/BENCHMARKS.md, session 13.)
+
+Thread mapping (``g`` = lane / 4, ``c`` = lane % 4): a warp owns 32 output channels, a lane four consecutive ones
+(``4 g .. 4 g + 3``: one 16-byte load of K-major words), two MMA tiles (rows ``g``, ``g + 8`` are channels
+``4 g + 2 t`` and ``4 g + 2 t + 1`` of tile ``t``); per step of 128 K the lanes of a quad own one group each
+(group ``4 step + c``), so every lane reads and dequantizes only its own group's words, scale and zero bytes, and
+lane ``(g, c)`` loads token ``g``'s activations of that group, which are exactly its B fragment. A program's
+warps walk disjoint channels; split-K programs reduce in-kernel (a workspace and a self-resetting counter per
+tile, as :func:`kernels.triton_common.finish`).
+
+Scope: 2- and 4-bit K-major codes, bf16/fp16 activations, ``M <= 8``, ``Kq % 256 == 0``, ``N % 32 == 0``, no split
+channels (:func:`mma_gemv_supported`); sm_80 or newer. Gluon has no interpreter: tested on the GPU only.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from .triton_common import e4m3_scaled
+from .triton_pairs import splat
+
+MAX_TOKENS = 8  # mma.sync's N
+STEP_K = 128  # K per step: four groups, one per lane of a quad
+WARP_CHANNELS = 32
+
+
+@gluon.constexpr_function
+def pair_windows(bits: int, bf16: bool) -> list[tuple[int, int]]:
+    """``(shift, p)`` of each of a packed word's ``16 / bits`` code pairs: pair ``i`` (bits ``bits i`` and
+    ``bits i + 16``) is read from the word shifted right by ``shift``, at mantissa bit ``p = bits i - shift``.
+
+    ``p`` may reach ``mantissa - bits`` (the code must stay below the implicit bit). More windows per shift mean
+    fewer shifts per word but one more addend pair per group: the count with the fewest instructions per group
+    (``bits`` words) is chosen."""
+    pmax = (7 if bf16 else 10) - bits
+    pairs = 16 // bits
+    best = min(range(1, pmax // bits + 2), key=lambda w: w + bits * (-(-pairs // w) - 1))
+    return [(bits * best * (i // best), bits * (i % best)) for i in range(pairs)]
+
+
+@gluon.constexpr_function
+def _chunk_asm(P, BF16, p0, p1):
+    """PTX of one 16-K chunk of one tile: four LOP3s, four pair FMAs, one ``mma.sync``. Operands: ``$0..3`` the
+    accumulator out; words (A row ``g`` and ``g + 8``) of pairs ``2 j`` and ``2 j + 1`` ``$4..7``; ``(c, c)``
+    ``$8, 9``; addends ``$10..13``; B ``$14, 15``; the ``2^(E-p)`` pairs ``$16, 17``; the accumulator in
+    ``$18..21``."""
+    t = "bf16" if BF16 else "f16"
+    m0 = ((1 << P) - 1 << p0) * 0x10001
+    m1 = ((1 << P) - 1 << p1) * 0x10001
+    return (
+        "{ .reg .b32 q0, q1, q2, q3, a0, a1, a2, a3;\n"
+        f"lop3.b32 q0, $4, {m0:#x}, $16, 0xEA;\n"
+        f"lop3.b32 q1, $5, {m0:#x}, $16, 0xEA;\n"
+        f"lop3.b32 q2, $6, {m1:#x}, $17, 0xEA;\n"
+        f"lop3.b32 q3, $7, {m1:#x}, $17, 0xEA;\n"
+        f"fma.rn.{t}x2 a0, q0, $8, $10;\n"
+        f"fma.rn.{t}x2 a1, q1, $9, $11;\n"
+        f"fma.rn.{t}x2 a2, q2, $8, $12;\n"
+        f"fma.rn.{t}x2 a3, q3, $9, $13;\n"
+        f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, {{$14, $15}}, "
+        "{$18, $19, $20, $21}; }")
+
+
+@gluon.constexpr_function
+def _sum_asm(BF16):
+    """PTX of the group-sum ``mma.sync``: A = the 0/1 selector (row ``r`` sums the K of lane ``r % 4``), B = the
+    activation pairs, so ``D[r, token]`` is the sum of group ``r % 4`` of the step for that token."""
+    t = "bf16" if BF16 else "f16"
+    return (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, "
+            "{$10, $11, $12, $13};")
+
+
+@gluon.constexpr_function
+def _prmt_selector(a, b):
+    """PRMT selector of the pair ``(x_a, x_b)`` from the containers of ``x_a`` (first) and ``x_b`` (second)."""
+    lo = (0x10 if a % 2 == 0 else 0x32)
+    hi = (0x54 if b % 2 == 0 else 0x76)
+    return f"prmt.b32 $0, $1, $2, {hi << 8 | lo:#x};"
+
+
+@gluon.jit
+def _prmt(a, b, src: gl.constexpr):
+    return gl.inline_asm_elementwise(src, "=r,r,r", [a, b], dtype=gl.uint32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _pair_mul(a, b, BF16: gl.constexpr):
+    if BF16:
+        return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.uint32,
+                                         is_pure=True, pack=1)
+    return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.uint32, is_pure=True,
+                                     pack=1)
+
+
+@gluon.jit
+def _shfl(v, lane):
+    return gl.inline_asm_elementwise("shfl.sync.idx.b32 $0, $1, $2, 0x1f, 0xffffffff;", "=f,f,r", [v, lane],
+                                     dtype=gl.float32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _quad_sum(v):
+    """Sum over the four lanes of a quad (lanes ``4 g .. 4 g + 3``)."""
+    return gl.inline_asm_elementwise(
+        "{ .reg .f32 t; shfl.sync.bfly.b32 t, $1, 1, 0x1f, 0xffffffff; add.f32 t, t, $1;\n"
+        "shfl.sync.bfly.b32 $0, t, 2, 0x1f, 0xffffffff; add.f32 $0, $0, t; }", "=f,f", [v], dtype=gl.float32,
+        is_pure=False, pack=1)
+
+
+@gluon.jit
+def _cols2(t, LT: gl.constexpr):
+    a, b = gl.split(t)
+    return gl.convert_layout(a, LT), gl.convert_layout(b, LT)
+
+
+@gluon.jit
+def _cols4(t, LT: gl.constexpr):
+    """The columns of a ``[R, 4]`` per-thread tensor as four ``[R]`` tensors in layout ``LT`` (register renames)."""
+    ev, od = gl.split(gl.reshape(t, [t.shape[0], 2, 2]))
+    c0, c2 = _cols2(ev, LT)
+    c1, c3 = _cols2(od, LT)
+    return c0, c1, c2, c3
+
+
+@gluon.jit
+def _cols8(t, LT: gl.constexpr):
+    ev, od = gl.split(gl.reshape(t, [t.shape[0], 4, 2]))
+    e = _cols4(ev, LT)
+    o = _cols4(od, LT)
+    return e[0], o[0], e[1], o[1], e[2], o[2], e[3], o[3]
+
+
+@gluon.jit
+def _cols16(t, LT: gl.constexpr):
+    ev, od = gl.split(gl.reshape(t, [t.shape[0], 8, 2]))
+    e = _cols8(ev, LT)
+    o = _cols8(od, LT)
+    return e[0], o[0], e[1], o[1], e[2], o[2], e[3], o[3], e[4], o[4], e[5], o[5], e[6], o[6], e[7], o[7]
+
+
+@gluon.jit
+def _tile_chunk(j: gl.constexpr, t: gl.constexpr, wc, c2, adds, b, one_p, acc, P: gl.constexpr, BF16: gl.constexpr):
+    """Chunk ``j`` (pairs ``2 j``, ``2 j + 1`` of the lane's group) of tile ``t`` (channels ``2 t``, ``2 t + 1``)."""
+    NP: gl.constexpr = 16 // P
+    WIN: gl.constexpr = pair_windows(P, BF16)
+    SA: gl.constexpr = WIN[(2 * j) % NP][0]
+    PA: gl.constexpr = WIN[(2 * j) % NP][1]
+    SB: gl.constexpr = WIN[(2 * j + 1) % NP][0]
+    PB: gl.constexpr = WIN[(2 * j + 1) % NP][1]
+    w = wc[(2 * j) // NP]
+    return gl.inline_asm_elementwise(
+        _chunk_asm(P, BF16, PA, PB), "=f,=f,=f,=f" + ",r" * 14 + ",f,f,f,f",
+        [w[2 * t] >> SA, w[2 * t + 1] >> SA, w[2 * t] >> SB, w[2 * t + 1] >> SB, c2[2 * t], c2[2 * t + 1],
+         adds[2 * t][PA // P], adds[2 * t + 1][PA // P], adds[2 * t][PB // P], adds[2 * t + 1][PB // P], b[2 * j],
+         b[2 * j + 1], one_p[PA // P], one_p[PB // P], acc[0], acc[1], acc[2], acc[3]],
+        dtype=(gl.float32, ) * 4, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _chunk(j: gl.constexpr, wc, c2, adds, b, one_p, acc0e, acc0o, acc1e, acc1o, P: gl.constexpr, BF16: gl.constexpr):
+    """Chunk ``j`` of both tiles, into the even- or odd-chunk accumulators (two independent MMA chains per tile)."""
+    if j % 2 == 0:
+        acc0e = _tile_chunk(j, 0, wc, c2, adds, b, one_p, acc0e, P, BF16)
+        acc1e = _tile_chunk(j, 1, wc, c2, adds, b, one_p, acc1e, P, BF16)
+    else:
+        acc0o = _tile_chunk(j, 0, wc, c2, adds, b, one_p, acc0o, P, BF16)
+        acc1o = _tile_chunk(j, 1, wc, c2, adds, b, one_p, acc1o, P, BF16)
+    return acc0e, acc0o, acc1e, acc1o
+
+
+@gluon.jit
+def _load_step(w_ptr, s_ptr, z_ptr, x_ptr, step, N, sx, n_w, c_w, tok_x, c_x, n_t, c_t, P: gl.constexpr,
+               L4: gl.constexpr, L16: gl.constexpr):
+    """One step's operands of every lane, unmasked (the caller clamps the indices into the tensors): ``P`` word rows
+    of its four channels (``[R, 4]`` each), 32 activations of its token (``[R, 16]`` pair containers), and its four
+    channels' scale and zero bytes (one word each)."""
+    cw = gl.arange(0, 4, layout=gl.SliceLayout(0, L4))[None, :]
+    words = ()
+    for r in gl.static_range(P):
+        words = words + (gl.load(w_ptr + (((4 * step + c_w) * P + r) * N + n_w)[:, None] + cw), )
+    kx = gl.arange(0, 16, layout=gl.SliceLayout(0, L16))[None, :]
+    xa = gl.load(x_ptr + (tok_x * sx + (4 * step + c_x) * 16)[:, None] + kx)
+    soff = (4 * step + c_t) * (N // 4) + n_t // 4
+    return words, xa, gl.load(s_ptr + soff), gl.load(z_ptr + soff)
+
+
+@gluon.jit
+def _step(operands, acc0e, acc0o, acc1e, acc1o, zsum, one_p, neg_p, sel, zero_u, c_t, ZOFF: gl.constexpr,
+          P: gl.constexpr, BF16: gl.constexpr, MT: gl.constexpr, LT: gl.constexpr):
+    """One 128-K step of a lane: its group's 16 code pairs of four channels into the two tiles' accumulators, and
+    ``z c X`` of its group into ``zsum``."""
+    NP: gl.constexpr = 16 // P
+    words, xa, sw, zw = operands
+    xs = _cols16(xa.to(gl.uint32, bitcast=True), LT)
+    b = ()
+    for pi in gl.static_range(16):
+        b = b + (_prmt(xs[((pi // NP) * 2 * NP + pi % NP) // 2], xs[((pi // NP) * 2 * NP + pi % NP + NP) // 2],
+                       _prmt_selector((pi // NP) * 2 * NP + pi % NP, (pi // NP) * 2 * NP + pi % NP + NP)), )
+    wc = ()
+    for r in gl.static_range(P):
+        wc = wc + (_cols4(words[r].to(gl.uint32, bitcast=True), LT), )
+    c2 = ()
+    adds = ()
+    zc = ()
+    for ch in gl.static_range(4):
+        cf = e4m3_scaled((sw >> (8 * ch)) & 0xFF)
+        cp = splat(cf, BF16, True)
+        c2 = c2 + (cp, )
+        ach = ()
+        for k in gl.static_range(8 // P):
+            ach = ach + (_pair_mul(cp, neg_p[k], BF16), )
+        adds = adds + (ach, )
+        zc = zc + (cf * (((zw >> (8 * ch)) & 0xFF).to(gl.float32) - ZOFF), )
+    xacc = (gl.zeros_like(c_t).to(gl.float32), ) * 4
+    for j in gl.static_range(8):
+        acc0e, acc0o, acc1e, acc1o = _chunk(j, wc, c2, adds, b, one_p, acc0e, acc0o, acc1e, acc1o, P, BF16)
+        xacc = gl.inline_asm_elementwise(_sum_asm(BF16), "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+                                         [sel, zero_u, sel, zero_u, b[2 * j], b[2 * j + 1], xacc[0], xacc[1],
+                                          xacc[2], xacc[3]], dtype=(gl.float32, ) * 4, is_pure=True, pack=1)
+    # X[token, group of lane c] sits in lane (c, token // 2), register token % 2
+    zn = ()
+    for tok in gl.static_range(MT):
+        xt = _shfl(xacc[tok % 2], 4 * c_t + tok // 2)
+        for ch in gl.static_range(4):
+            zn = zn + (zsum[ch * MT + tok] + zc[ch] * xt, )
+    zo = ()
+    for ch in gl.static_range(4):  # back to [ch * MT + tok] order
+        for tok in gl.static_range(MT):
+            zo = zo + (zn[tok * 4 + ch], )
+    return acc0e, acc0o, acc1e, acc1o, zo
+
+
+@gluon.jit
+def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, n_steps,
+                    steps_per_split, sx, sy, one, SPLIT_K, P: gl.constexpr, BF16: gl.constexpr, MT: gl.constexpr,
+                    ZOFF: gl.constexpr, ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr,
+                    HAS_BIAS: gl.constexpr):
+    """``y [M, N] = x [M, Kq] @ W_b^T`` for ``M <= MT <= 8``; see the module docstring. ``x_ptr``, ``w_ptr``,
+    ``s_ptr``, ``z_ptr``: int32 views of the activations (row stride ``sx`` words), the K-major codes
+    (``[Kq P / 32, N]``) and the K-major scale and zero bytes (``[G, N / 4]``). Every split has an even number of
+    steps (two per loop iteration)."""
+    W: gl.constexpr = gl.num_warps()
+    R: gl.constexpr = 32 * W
+    LT: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
+    L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
+    L16: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [W, 1], [1, 0])
+    E: gl.constexpr = 7 if BF16 else 10
+    pid_n = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    tid_t = gl.arange(0, R, layout=LT)
+    tid_w = gl.arange(0, R, layout=gl.SliceLayout(1, L4))
+    tid_x = gl.arange(0, R, layout=gl.SliceLayout(1, L16))
+    # lanes past N or M read the last channel or token (clamped, never stored)
+    n_t = gl.minimum(pid_n * R + (tid_t // 32) * 32 + (tid_t % 32) // 4 * 4, N - 4)
+    n_w = gl.minimum(pid_n * R + (tid_w // 32) * 32 + (tid_w % 32) // 4 * 4, N - 4)
+    n_out = pid_n * R + (tid_t // 32) * 32 + (tid_t % 32) // 4 * 4
+    tok_x = gl.minimum((tid_x % 32) // 4, M - 1)
+    g_t = (tid_t % 32) // 4
+    c_t = tid_t % 4
+    s0 = pid_k * steps_per_split
+    s1 = gl.minimum(s0 + steps_per_split, n_steps)
+
+    one_p = ()
+    neg_p = ()
+    for p in gl.static_range(0, 8, P):
+        op = gl.full([R], 0, gl.int32, LT) + (one - ((p << E) * 0x10001))
+        one_p = one_p + (op, )
+        neg_p = neg_p + ((op | -2147450880).to(gl.uint32, bitcast=True), )  # (-2^(E-p), -2^(E-p))
+    zero_u = gl.full([R], 0, gl.uint32, LT)
+    # A of the group-sum MMA: row g sums the K of lane g % 4 (its group)
+    sel = gl.where(g_t % 4 == c_t, gl.full([R], (0x3F80 if BF16 else 0x3C00) * 0x10001, gl.uint32, LT), zero_u)
+    zero_f = gl.zeros([R], gl.float32, LT)
+    zero4 = (zero_f, zero_f, zero_f, zero_f)
+    acc0e = zero4  # tile 0 (channels 0, 1), even chunks; four mma.sync accumulator registers each
+    acc0o = zero4
+    acc1e = zero4
+    acc1o = zero4
+    zsum = (zero_f, ) * (4 * MT)  # sum_g z c X per channel and token (the lane's groups only), [ch * MT + tok]
+
+    # two steps per iteration; the next step's operands load while one is computed (a register double buffer)
+    cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, s0, N, sx, n_w, tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P, L4, L16)
+    for step in range(s0, s1, 2):
+        nxt = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, step + 1, N, sx, n_w, tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P,
+                         L4, L16)
+        acc0e, acc0o, acc1e, acc1o, zsum = _step(cur, acc0e, acc0o, acc1e, acc1o, zsum, one_p, neg_p, sel, zero_u,
+                                                 c_t, ZOFF, P, BF16, MT, LT)
+        cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, gl.minimum(step + 2, s1 - 1), N, sx, n_w, tid_w % 4, tok_x,
+                         tid_x % 4, n_t, c_t, P, L4, L16)
+        acc0e, acc0o, acc1e, acc1o, zsum = _step(nxt, acc0e, acc0o, acc1e, acc1o, zsum, one_p, neg_p, sel, zero_u,
+                                                 c_t, ZOFF, P, BF16, MT, LT)
+
+    # per lane: channels n_out + ch, tokens 2c (even) and 2c + 1 (odd); a tile's registers 0, 1 are its row g
+    # (channel 2t), 2, 3 its row g + 8 (channel 2t + 1)
+    sums = (acc0e[0] + acc0o[0], acc0e[1] + acc0o[1], acc0e[2] + acc0o[2], acc0e[3] + acc0o[3],
+            acc1e[0] + acc1o[0], acc1e[1] + acc1o[1], acc1e[2] + acc1o[2], acc1e[3] + acc1o[3])
+    vals = ()
+    for ch in gl.static_range(4):
+        z_even = zero_f
+        z_odd = zero_f
+        for tok in gl.static_range(MT):
+            zt = _quad_sum(zsum[ch * MT + tok]) * ZMUL
+            z_even = gl.where(2 * c_t == tok, zt, z_even)
+            z_odd = gl.where(2 * c_t + 1 == tok, zt, z_odd)
+        vals = vals + (sums[4 * (ch // 2) + 2 * (ch % 2)] - z_even, sums[4 * (ch // 2) + 2 * (ch % 2) + 1] - z_odd)
+    tile = pid_n
+    if SPLIT_K > 1:
+        base = ws_ptr + tile * (SPLIT_K * 8 * R)
+        for i in gl.static_range(8):
+            gl.store(base + (pid_k * 8 + i) * R + tid_t, vals[i])
+        gl.thread_barrier()
+        arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = (zero_f, ) * 8
+            for s in range(SPLIT_K):
+                part = ()
+                for i in gl.static_range(8):
+                    part = part + (total[i] + gl.load(base + (s * 8 + i) * R + tid_t, cache_modifier=".cg"), )
+                total = part
+            gl.atomic_xchg(cnt_ptr + tile, 0)
+            _store(total, n_out, c_t, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
+    else:
+        _store(vals, n_out, c_t, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
+
+
+@gluon.jit
+def _store(vals, n_out, c_t, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr,
+           HAS_BIAS: gl.constexpr):
+    """``y[tok, n] = vals * row_scale * COL_MULT (* token scale) (+ bias)`` for the lane's channels and tokens."""
+    for ch in gl.static_range(4):
+        n = n_out + ch
+        nok = n < N
+        cs = gl.load(rs_ptr + n, mask=nok, other=0.0) * COL_MULT
+        for odd in gl.static_range(2):
+            tok = 2 * c_t + odd
+            ok = nok & (tok < M)
+            v = vals[2 * ch + odd] * cs
+            if HAS_TS:
+                v = v * gl.load(ts_ptr + tok, mask=ok, other=0.0)
+            if HAS_BIAS:
+                v = v + gl.load(bias_ptr + n, mask=ok, other=0.0).to(gl.float32)
+            gl.store(y_ptr + tok * sy + n, v.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def mma_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, kq: int,
+                       has_split: bool) -> bool:
+    """Whether :func:`launch_gemv_mma` takes this call (else the caller runs another kernel)."""
+    n = scales.shape[0]
+    return (bits in (2, 4) and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and not has_split
+            and x.shape[0] <= MAX_TOKENS and x.shape[1] == kq and kq % (2 * STEP_K) == 0 and n % WARP_CHANNELS == 0
+            and packed.stride(0) == 1 and scales.stride(0) == 1 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 8)
+
+
+def launch_gemv_mma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    row_scale: torch.Tensor, token_scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                    col_mult: float, zoff: float, zmul: float, warps: int, split_k: int, ws: torch.Tensor,
+                    counters: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``y = x @ W_b^T`` (``x`` ``[M <= 8, Kq]``, 16-bit, rows 16-byte aligned) with :func:`gemv_mma_kernel`:
+    ``warps`` warps of 32 channels per program, up to ``split_k`` programs along K (``ws``: ``tiles * split_k * 256 *
+    warps`` floats, ``tiles = N / (32 warps)``; ``counters``: one zeroed int32 per tile)."""
+    m, kq = x.shape
+    n = scales.shape[0]
+    n_steps = kq // STEP_K
+    per_split = 2 * triton.cdiv(n_steps, 2 * split_k)  # the loop takes two steps at a time
+    grid = (triton.cdiv(n, WARP_CHANNELS * warps), triton.cdiv(n_steps, per_split))
+    su8 = scales.view(torch.uint8)
+    bf16 = x.dtype == torch.bfloat16
+    gemv_mma_kernel[grid](
+        x.view(torch.int32), packed, su8.T.view(torch.int32), zeros.T.view(torch.int32), row_scale,
+        token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y, ws,
+        counters, m, n, n_steps, per_split, x.stride(0) // 2, y.stride(0), 0x43004300 if bf16 else 0x64006400,
+        grid[1], P=bits, BF16=bf16, MT=triton.next_power_of_2(m), ZOFF=zoff, ZMUL=zmul, COL_MULT=col_mult,
+        HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps)
+    return y

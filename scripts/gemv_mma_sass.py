@@ -1,0 +1,80 @@
+"""Offline sm_90 compile of ``kernels.gluon_gemv.gemv_mma_kernel`` (no GPU needed): registers, spills, and the
+instruction mix of its main loop (two 128-K steps, 256 codes per lane).
+
+Usage (with Triton 3.6, the H200 image's version, installed aside:
+``pip install --no-deps --target /tmp/t36 triton==3.6.0``):
+``PYTHONPATH=/tmp/t36 python scripts/gemv_mma_sass.py [--p 4] [--fp16] [--mt 8] [--warps 1]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental.gluon._runtime import GluonASTSource
+from triton.runtime.jit import create_function_from_signature
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import gluon_gemv  # noqa: E402
+from sass_count import TARGET, Launch, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
+
+K = N = 8192
+OP = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def compile_sm90(launch: Launch):
+    backend = triton.compiler.make_backend(TARGET)
+    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
+    bound, spec, options = binder(*launch.args, **launch.kwargs)
+    options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, spec, options)
+    return triton.compile(GluonASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
+                          options=options.__dict__)
+
+
+def main_loop(sass: str) -> list[str]:
+    """The longest backward-branch body that holds an HMMA: the two-step main loop."""
+    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
+    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA (0x[0-9a-f]+)", line)
+        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
+            body = lines[addr.index(int(m.group(1), 16)):i + 1]
+            if any("HMMA" in b for b in body):
+                loops.append(body)
+    return max(loops, key=len)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python scripts/gemv_mma_sass.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--p", type=int, default=2, choices=(2, 4), help="code width (default 2)")
+    ap.add_argument("--fp16", action="store_true", help="fp16 activations (default bf16)")
+    ap.add_argument("--mt", type=int, default=1, choices=(1, 2, 4, 8), help="tokens compiled for (default 1)")
+    ap.add_argument("--warps", type=int, default=1, help="warps per program (default 1)")
+    a = ap.parse_args()
+    x = torch.empty(8, K // 2, dtype=torch.int32)
+    w = torch.empty(K * a.p // 32, N, dtype=torch.int32)
+    s = torch.empty(K // 32, N // 4, dtype=torch.int32)
+    rs = torch.empty(N)
+    y = torch.empty(8, N, dtype=torch.bfloat16)
+    cnt = torch.empty(16, dtype=torch.int32)
+    args = (x, w, s, s, rs, rs, rs, y, rs, cnt, 1, N, K // 128, 16, K // 2, N, 0x43004300, 1)
+    kw = dict(P=a.p, BF16=not a.fp16, MT=a.mt, ZOFF=31.5, ZMUL=1 / 64, COL_MULT=16384.0, HAS_TS=False,
+              HAS_BIAS=False, num_warps=a.warps)
+    c = compile_sm90(Launch(gluon_gemv.gemv_mma_kernel, args, kw))
+    usage = cuobjdump_of(c.asm["cubin"], "-res-usage")
+    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    body = main_loop(cuobjdump_of(c.asm["cubin"], "-sass"))
+    mix = collections.Counter(OP.search(b).group(1) for b in body)
+    print(f"main loop: {len(body)} instructions per 256 codes per lane ({len(body) / 256:.2f} per code):",
+          dict(mix.most_common(16)))
+
+
+if __name__ == "__main__":
+    main()
