@@ -40,7 +40,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .triton_common import e4m3_scaled
-from .triton_pairs import splat
+from .triton_pairs import high_halves, low_halves, pair_fma, splat
 
 MAX_TOKENS = 8  # mma.sync's N
 STEP_K = 128  # K per step: four groups, one per lane of a quad
@@ -91,28 +91,6 @@ def _sum_asm(BF16):
     t = "bf16" if BF16 else "f16"
     return (f"mma.sync.aligned.m16n8k16.row.col.f32.{t}.{t}.f32 {{$0, $1, $2, $3}}, {{$4, $5, $6, $7}}, {{$8, $9}}, "
             "{$10, $11, $12, $13};")
-
-
-@gluon.constexpr_function
-def _prmt_selector(a, b):
-    """PRMT selector of the pair ``(x_a, x_b)`` from the containers of ``x_a`` (first) and ``x_b`` (second)."""
-    lo = (0x10 if a % 2 == 0 else 0x32)
-    hi = (0x54 if b % 2 == 0 else 0x76)
-    return f"prmt.b32 $0, $1, $2, {hi << 8 | lo:#x};"
-
-
-@gluon.jit
-def _prmt(a, b, src: gl.constexpr):
-    return gl.inline_asm_elementwise(src, "=r,r,r", [a, b], dtype=gl.uint32, is_pure=True, pack=1)
-
-
-@gluon.jit
-def _pair_mul(a, b, BF16: gl.constexpr):
-    if BF16:
-        return gl.inline_asm_elementwise("mul.rn.bf16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.uint32,
-                                         is_pure=True, pack=1)
-    return gl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=gl.uint32, is_pure=True,
-                                     pack=1)
 
 
 @gluon.jit
@@ -216,9 +194,13 @@ def _step(operands, acc0e, acc0o, acc1e, acc1o, zsum, one_p, neg_p, sel, zero_u,
     words, xa, sw, zw = operands
     xs = _cols16(xa.to(gl.uint32, bitcast=True), LT)
     b = ()
-    for pi in gl.static_range(16):
-        b = b + (_prmt(xs[((pi // NP) * 2 * NP + pi % NP) // 2], xs[((pi // NP) * 2 * NP + pi % NP + NP) // 2],
-                       _prmt_selector((pi // NP) * 2 * NP + pi % NP, (pi // NP) * 2 * NP + pi % NP + NP)), )
+    for pi in gl.static_range(16):  # pair pi: activations lo, lo + NP (same parity: the same half of two containers)
+        if pi % 2 == 0:
+            b = b + (low_halves(xs[((pi // NP) * 2 * NP + pi % NP) // 2],
+                                xs[((pi // NP) * 2 * NP + pi % NP + NP) // 2], True), )
+        else:
+            b = b + (high_halves(xs[((pi // NP) * 2 * NP + pi % NP) // 2],
+                                 xs[((pi // NP) * 2 * NP + pi % NP + NP) // 2], True), )
     wc = ()
     for r in gl.static_range(P):
         wc = wc + (_cols4(words[r].to(gl.uint32, bitcast=True), LT), )
@@ -231,7 +213,7 @@ def _step(operands, acc0e, acc0o, acc1e, acc1o, zsum, one_p, neg_p, sel, zero_u,
         c2 = c2 + (cp, )
         ach = ()
         for k in gl.static_range(8 // P):
-            ach = ach + (_pair_mul(cp, neg_p[k], BF16), )
+            ach = ach + (pair_fma(cp, neg_p[k], zero_u, BF16, True), )
         adds = adds + (ach, )
         zc = zc + (cf * (((zw >> (8 * ch)) & 0xFF).to(gl.float32) - ZOFF), )
     xacc = (gl.zeros_like(c_t).to(gl.float32), ) * 4

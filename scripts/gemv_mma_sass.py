@@ -9,46 +9,20 @@ Usage (with Triton 3.6, the H200 image's version, installed aside:
 from __future__ import annotations
 
 import argparse
-import collections
 import re
 import sys
 from pathlib import Path
 
 import torch
-import triton
 from triton.experimental.gluon._runtime import GluonASTSource
-from triton.runtime.jit import create_function_from_signature
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import gluon_gemv  # noqa: E402
-from sass_count import TARGET, Launch, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
+from kernels.bench import _loop_mix  # noqa: E402
+from sass_count import Launch, compile_sm90, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
 
 K = N = 8192
-OP = re.compile(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
-
-
-def compile_sm90(launch: Launch):
-    backend = triton.compiler.make_backend(TARGET)
-    binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
-    bound, spec, options = binder(*launch.args, **launch.kwargs)
-    options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, spec, options)
-    return triton.compile(GluonASTSource(launch.fn, signature, constexprs, attrs), target=TARGET,
-                          options=options.__dict__)
-
-
-def main_loop(sass: str) -> list[str]:
-    """The longest backward-branch body that holds an HMMA: the two-step main loop."""
-    lines = [line for line in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", line)]
-    addr = [int(re.match(r"\s+/\*([0-9a-f]+)\*/", line).group(1), 16) for line in lines]
-    loops = []
-    for i, line in enumerate(lines):
-        m = re.search(r"BRA (0x[0-9a-f]+)", line)
-        if m and int(m.group(1), 16) < addr[i] and int(m.group(1), 16) in addr:
-            body = lines[addr.index(int(m.group(1), 16)):i + 1]
-            if any("HMMA" in b for b in body):
-                loops.append(body)
-    return max(loops, key=len)
 
 
 def main() -> None:
@@ -67,13 +41,10 @@ def main() -> None:
     args = (x, w, s, s, rs, rs, rs, y, rs, cnt, 1, N, K // 128, 16, K // 2, N, 0x43004300, 1)
     kw = dict(P=a.p, BF16=not a.fp16, MT=a.mt, ZOFF=31.5, ZMUL=1 / 64, COL_MULT=16384.0, HAS_TS=False,
               HAS_BIAS=False, num_warps=a.warps)
-    c = compile_sm90(Launch(gluon_gemv.gemv_mma_kernel, args, kw))
-    usage = cuobjdump_of(c.asm["cubin"], "-res-usage")
-    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    body = main_loop(cuobjdump_of(c.asm["cubin"], "-sass"))
-    mix = collections.Counter(OP.search(b).group(1) for b in body)
-    print(f"main loop: {len(body)} instructions per 256 codes per lane ({len(body) / 256:.2f} per code):",
-          dict(mix.most_common(16)))
+    c = compile_sm90(Launch(gluon_gemv.gemv_mma_kernel, args, kw), GluonASTSource)
+    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(c.asm["cubin"], "-res-usage")))
+    n, mix = _loop_mix(cuobjdump_of(c.asm["cubin"], "-sass"))  # the largest loop: the two-step main loop
+    print(f"main loop: {n} instructions per 256 codes per lane ({n / 256:.2f} per code):", dict(mix.most_common(16)))
 
 
 if __name__ == "__main__":

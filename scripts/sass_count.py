@@ -95,13 +95,14 @@ def record_launch(kernel: str, bits: int, m: int, tile: tuple[int, int, int], k:
     return rec.launch
 
 
-def compile_sm90(launch: Launch):
-    """Compile the recorded launch for sm_90 with the JIT's own specialization of its arguments."""
+def compile_sm90(launch: Launch, source=ASTSource):
+    """Compile the recorded launch for sm_90 with the JIT's own specialization of its arguments (``source``:
+    ``ASTSource`` for Triton kernels, Gluon's ``GluonASTSource`` for Gluon ones)."""
     backend = triton.compiler.make_backend(TARGET)
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
     bound, spec, options = binder(*launch.args, **launch.kwargs)
     options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound, spec, options)
-    return triton.compile(ASTSource(launch.fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    return triton.compile(source(launch.fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
 def cuobjdump() -> str:
