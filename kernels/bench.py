@@ -35,6 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -49,8 +50,9 @@ from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
 from .triton_gemv_h2 import gemv_h2_kernel
 from .triton_mma import mma_kernel
-from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_split, launch_actquant, launch_linear,
-                          launch_linear_wa, mma8_config, save_table, table_key)
+from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
+from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_mma_config, gemv_split, launch_actquant,
+                          launch_linear, launch_linear_wa, mma8_config, save_table, table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
           (28672, 8192)]
@@ -232,24 +234,29 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``: the half2 GEMV's tiles
-    (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, tensor-core tiles for the rest
-    (split-K up to 512 tokens), the dense path from 65 tokens and the warp-specialized kernel's tiles (:data:`WS_TILES`)
-    from 129."""
-    h2 = []
+    (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, the tensor-core decode kernel's
+    programs of 1, 2 and 4 warps for 2/4-bit weights up to 16 tokens (split as the rule's, and half and twice that),
+    tensor-core tiles for the rest (split-K up to 512 tokens), the dense path from 65 tokens and the warp-specialized
+    kernel's tiles (:data:`WS_TILES`) from 129."""
+    decode = []
+    if m <= MMA_MAX_TOKENS and bits in (2, 4):
+        rule = gemv_mma_config(bits, m, n, kq)
+        decode = [replace(rule, block_n=32 * w, num_warps=w, split_k=s) for w in (1, 2, 4)
+                  for s in sorted({max(rule.split_k // 2, 1), rule.split_k, 2 * rule.split_k})]
     if m <= 4 and bits in (2, 4):
         bm = m if m <= 2 else 4
-        h2 = [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
-              for bn, bg, w in H2_TILES for s in (1, 2)]
+        decode += [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
+                   for bn, bg, w in H2_TILES for s in (1, 2)]
         if m <= 2:
-            h2 += [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
-                   for bn, bg, w in WHOLE_COLUMN_TILES for s in (1, 2, 4)]
+            decode += [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
+                       for bn, bg, w in WHOLE_COLUMN_TILES for s in (1, 2, 4)]
     if m <= 2:
         bm, bn, bg, w = fp32_gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]
         if bm == 1:
             tiles.append((bn, 3 - bg, w))
         return [Config("gemv", bm, bn, bg, split_k=s, num_warps=w) for bn, bg, w in tiles
-                for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))] + h2
+                for s in (gemv_split(n, kq, bn, bg), 2 * gemv_split(n, kq, bn, bg))] + decode
     if m <= 64:
         bm = max(16, 1 << (m - 1).bit_length())
         tiles = ([Config("gemm_t", bm, bn, bk, split_k=s, num_warps=4, num_stages=3 if bk == 128 else 2)
@@ -258,7 +265,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
         if m > 32:  # x @ W^T on 64-row tiles (docs/results/gemm-ab-h200.json: wins at 64 tokens only)
             tiles += [Config("gemm", 64, bn, 128, split_k=s, num_warps=4, num_stages=3) for bn in (64, 128)
                       for s in (4, 8, 16)]
-        return tiles + h2
+        return tiles + decode
     dense = [Config("dense", 0, 64, 128, num_warps=4)]
     if m <= 128:  # one 128-row tile: split-K keeps every SM busy
         return [Config("gemm", bm, bn, bk, split_k=s, num_warps=w, num_stages=3)

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
-from .gluon_gemv import launch_gemv_mma, mma_gemv_supported
+from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
 from .triton_actquant import actquant_kernel
@@ -42,6 +42,11 @@ from .triton_mma import mma_kernel
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
 ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chunk per row)
+MMA_RULE_TOKENS = range(3, 17)  # token counts the rule gives the tensor-core decode kernel (2- and 4-bit weights)
+# (bits, token tiles) -> (warps per program, programs per SM) of the decode kernel's rule: fitted to the A/B of
+# session 14 (docs/results/gemv-mma-ab2-h200.json, 10 shapes x M = 3, 4, 8, 12, 16): on its cells the rule's
+# configuration is on geometric mean within 0.2-2.2 % of the best one timed
+MMA_PROGRAMS = {(2, 1): (2, 4), (2, 2): (1, 6), (4, 1): (1, 8), (4, 2): (2, 3)}
 
 
 @dataclass(frozen=True)
@@ -59,9 +64,10 @@ class Config:
     (:mod:`kernels.gluon_gemm`; the table's choice for some shapes at 129..256 tokens, never the rule's): the
     warp-specialized kernel, block_m 128 or 256 tokens, block_k 64, ``num_warps`` 12, ``num_stages`` >= 3 slots;
     off Hopper, or for 3- or 8-bit codes, fp32 inputs or row-major codes, the dense path runs instead. ``"gemv_mma"``
-    (:mod:`kernels.gluon_gemv`; the table's choice for many shapes at 2..8 tokens): ``mma.sync`` on ``q c`` pairs
-    built in registers, block_m 8 tokens, block_n ``32 * num_warps`` channels, block_k 128; calls it does not take
-    (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's kernel.
+    (:mod:`kernels.gluon_gemv`; the rule's choice at 3..16 tokens for 2- and 4-bit weights, the table's for many
+    shapes at 2..16): ``mma.sync`` on ``q c`` pairs built in registers, block_m the tokens computed (8 or 16),
+    block_n ``32 * num_warps`` channels, block_k 128; calls it does not take
+    (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
     """
 
     kernel: str
@@ -132,7 +138,19 @@ def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
     return ("gemv",) + fp32_gemv_tile(bits, m)
 
 
-def default_config(bits: int, m: int, n: int, kq: int) -> Config:
+def gemv_mma_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Config:
+    """The tensor-core decode kernel's configuration by shape (:mod:`kernels.gluon_gemv`): programs of
+    :data:`MMA_PROGRAMS` warps, split along K into the fewest parts that give the programs per SM it names, each
+    with at least four 128-K steps."""
+    warps, per_sm = MMA_PROGRAMS[bits, token_rows(m) // 8]
+    tiles = triton.cdiv(n, WARP_CHANNELS * warps)
+    split = 1
+    while tiles * split < per_sm * sms and kq // (STEP_K * 2 * split) >= 4 and split < 64:
+        split *= 2
+    return Config("gemv_mma", token_rows(m), WARP_CHANNELS * warps, STEP_K, split_k=split, num_warps=warps)
+
+
+def default_config(bits: int, m: int, n: int, kq: int, mma: bool = True) -> Config:
     """The rule for shapes the table does not list (fitted to the tuned H200 entries).
 
     A GEMV (:func:`gemv_tile`) for one or two tokens, and for three or four at 2 and 4 bits (split
@@ -141,9 +159,13 @@ def default_config(bits: int, m: int, n: int, kq: int) -> Config:
     ``W @ x^T`` tiles up to 32 tokens with enough programs for two per SM; ``x @ W^T`` on 64-row
     tiles at 33..64 tokens (split 4, 8 for K more than twice N) and on 128 x 128 tiles at 65..128
     (split-K while the tiles fill at most half the SMs); dequantize-then-cuBLAS from 129 tokens, where
-    the GEMM is compute-bound.
+    the GEMM is compute-bound. With ``mma`` (the default), 2- and 4-bit weights at :data:`MMA_RULE_TOKENS` take
+    the tensor-core decode kernel instead (:func:`gemv_mma_config`); :func:`launch_linear` asks again without
+    it for the calls that kernel does not take.
     """
     sms = 132
+    if mma and bits in (2, 4) and m in MMA_RULE_TOKENS:
+        return gemv_mma_config(bits, m, n, kq, sms)
     if m <= 2 or (m <= 4 and bits in (2, 4)):
         kernel, bm, bn, bg, warps = gemv_tile(bits, m)
         return Config(kernel, bm, bn, bg, split_k=gemv_split(n, kq, bn, bg, sms, warps), num_warps=warps)
@@ -225,7 +247,14 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     if m == 0:
         return y
     cfg = config or choose_config(bits, m, n, kq)
-    if config is None and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
+    has_split = split_index is not None and split_index.numel() > 0
+    chosen = config is None  # the dispatch's own choice (else the caller's, run as given)
+    if cfg.kernel == "gemv_mma":
+        if mma_gemv_supported(bits, x, packed, scales, kq, has_split):
+            return _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
+        cfg = default_config(bits, m, n, kq, mma=False)  # fp32 inputs, 3/8-bit codes, split channels, other shapes
+        chosen = True
+    if chosen and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
         # a half2 tile takes 16-bit inputs: fp32 ones run the fp32 GEMV, on the same tile unless it is a whole-column
         # one (M <= 2 only), whose many groups per step the fp32 GEMV would sum across warps: then on its own tile
         if cfg.block_k >= WHOLE_COLUMN_BG.value:
@@ -240,11 +269,6 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
             return _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                               cfg, y)
         cfg = DENSE  # fp32 inputs, 3- or 8-bit codes, row-major codes or a GPU other than Hopper
-    has_split = split_index is not None and split_index.numel() > 0
-    if cfg.kernel == "gemv_mma":
-        if mma_gemv_supported(bits, x, packed, scales, kq, has_split):
-            return _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
-        cfg = default_config(bits, m, n, kq)  # fp32 inputs, 3- or 8-bit codes, split channels, other shapes
     if cfg.kernel == "dense":
         return _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                              in_features, cfg, y)
@@ -308,10 +332,10 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
 
 
 def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
-    """``y = x @ W_b^T`` for at most 8 tokens with the tensor-core decode kernel (:mod:`kernels.gluon_gemv`)."""
+    """``y = x @ W_b^T`` for at most 16 tokens with the tensor-core decode kernel (:mod:`kernels.gluon_gemv`)."""
     n = scales.shape[0]
     tiles = triton.cdiv(n, cfg.block_n)
-    split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
+    split_k, ws, cnt = _split_buffers(tiles, replace(cfg, block_m=token_rows(x.shape[0])), x.device)
     _, _, consts = weight_args(bits, master_bits, scales.shape[1] * GROUP_SIZE)
     return launch_gemv_mma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
                            256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.num_warps, split_k,

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_for, graph_time_us,  # noqa: E402
                            make_layers, parse_shapes, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
+from kernels.gluon_gemv import MAX_TOKENS, token_rows  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
 
@@ -51,11 +52,11 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
     tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256 tokens wide, without and
     with split-K), the warp-specialized tiles and the dense path."""
     out = []
-    if m <= 8:  # the tensor-core decode kernel: 1, 2 or 4 warps of 32 channels, split-K for about 2-8 programs per SM
-        for warps in (1, 2, 4):
+    if m <= MAX_TOKENS:  # the tensor-core decode kernel: 1, 2 or 4 warps of 32 channels, split-K for about 2-8
+        for warps in (1, 2, 4):  # programs per SM
             tiles = triton.cdiv(n, 32 * warps)
             s = split_for(tiles, kq, 256)
-            out += [Config("gemv_mma", 8, 32 * warps, 128, split_k=sk, num_warps=warps)
+            out += [Config("gemv_mma", token_rows(m), 32 * warps, 128, split_k=sk, num_warps=warps)
                     for sk in sorted({s, 2 * s, 4 * s})]
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))

@@ -3,7 +3,7 @@ instruction mix of its main loop (two 128-K steps, 256 codes per lane).
 
 Usage (with Triton 3.6, the H200 image's version, installed aside:
 ``pip install --no-deps --target /tmp/t36 triton==3.6.0``):
-``PYTHONPATH=/tmp/t36 python scripts/gemv_mma_sass.py [--p 4] [--fp16] [--mt 8] [--warps 1]``
+``PYTHONPATH=/tmp/t36 python scripts/gemv_mma_sass.py [--p 4] [--fp16] [--m 8] [--warps 1]``
 """
 
 from __future__ import annotations
@@ -29,18 +29,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="python scripts/gemv_mma_sass.py", description=__doc__.split("\n\n")[0])
     ap.add_argument("--p", type=int, default=2, choices=(2, 4), help="code width (default 2)")
     ap.add_argument("--fp16", action="store_true", help="fp16 activations (default bf16)")
-    ap.add_argument("--mt", type=int, default=1, choices=(1, 2, 4, 8), help="tokens compiled for (default 1)")
+    ap.add_argument("--m", type=int, default=1, choices=range(1, 17), metavar="1..16",
+                    help="tokens compiled for (default 1; Triton specializes M = 1, so the others show the real loop)")
     ap.add_argument("--warps", type=int, default=1, help="warps per program (default 1)")
     a = ap.parse_args()
-    x = torch.empty(8, K // 2, dtype=torch.int32)
+    x = torch.empty(16, K // 2, dtype=torch.int32)
     w = torch.empty(K * a.p // 32, N, dtype=torch.int32)
     s = torch.empty(K // 32, N // 4, dtype=torch.int32)
     rs = torch.empty(N)
-    y = torch.empty(8, N, dtype=torch.bfloat16)
+    y = torch.empty(16, N, dtype=torch.bfloat16)
     cnt = torch.empty(16, dtype=torch.int32)
-    args = (x, w, s, s, rs, rs, rs, y, rs, cnt, 1, N, K // 128, 16, K // 2, N, 0x43004300, 1)
-    kw = dict(P=a.p, BF16=not a.fp16, MT=a.mt, ZOFF=31.5, ZMUL=1 / 64, COL_MULT=16384.0, HAS_TS=False,
-              HAS_BIAS=False, num_warps=a.warps)
+    args = (x, w, s, s, rs, rs, rs, y, rs, cnt, a.m, N, K // 128, 16, K // 2, N, 0x43004300, 1)
+    kw = dict(P=a.p, BF16=not a.fp16, NT=gluon_gemv.token_rows(a.m) // 8, ZOFF=31.5, ZMUL=1 / 64, COL_MULT=16384.0,
+              HAS_TS=False, HAS_BIAS=False, num_warps=a.warps)
     c = compile_sm90(Launch(gluon_gemv.gemv_mma_kernel, args, kw), GluonASTSource)
     print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(c.asm["cubin"], "-res-usage")))
     n, mix = _loop_mix(cuobjdump_of(c.asm["cubin"], "-sass"))  # the largest loop: the two-step main loop

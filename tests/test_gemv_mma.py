@@ -2,7 +2,8 @@
 
 The kernel itself is Gluon (no interpreter): ``tests/gpu/test_kernels_gpu.py::test_gemv_mma`` runs it on the GPU.
 Here: every code pair a window of :func:`pair_windows` reads turns into the 16-bit pair ``(2^(E-p) + q, ...)``, and
-the pair FMA by ``(c, c)`` plus ``(-2^(E-p) c, ...)`` leaves ``q c`` exactly, for every code and every E4M3 scale.
+the pair FMA by ``(c, c)`` plus ``(-2^(E-p) c, ...)`` leaves ``q c`` exactly, for every code and every E4M3 scale;
+and the zero terms' ``-z c`` split into a bf16 hi and lo part (the A operand of their ``mma.sync``) loses nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 
 from kernels.e4m3 import E4M3_MAX
 from kernels.gluon_gemv import pair_windows
+from kernels.triton_ops import weight_args
 
 
 def halves(v: torch.Tensor, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,3 +51,27 @@ def test_windows_make_exact_scaled_codes(bits, bf16):
         assert torch.equal(addend, -base * c)  # the addend pair itself is exact
         out = ((base + q) * c[None, :] + addend[None, :]).to(dt).double()
         assert torch.equal(out, q * c[None, :])
+
+
+def split_bf16(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's ``SPLIT_ASM`` on fp32 ``v``: ``hi`` = v rounded to bf16, ``lo`` = the rest rounded to bf16."""
+    hi = v.to(torch.bfloat16).float()
+    return hi, (v - hi).to(torch.bfloat16).float()
+
+
+@pytest.mark.parametrize("bits, master_bits", [(2, 2), (2, 4), (2, 8), (4, 4), (4, 8)])
+def test_zero_terms_split_exactly(bits, master_bits):
+    """``-c (z - ZOFF) ZMUL`` as the kernel computes it in fp32, for every E4M3 scale and every zero point of the
+    master grid, equals ``hi + lo`` of its bf16 split exactly (at most 13 significant bits); a group sum keeps 16
+    significant bits."""
+    _, _, consts = weight_args(bits, master_bits, 256)
+    c = torch.arange(0, 127, dtype=torch.int64).to(torch.uint8).view(torch.float8_e4m3fn).float() / 256
+    z = torch.arange(1 << master_bits, dtype=torch.float32)
+    v = c[:, None] * ((consts["ZOFF"] - z[None, :]) * consts["ZMUL"])
+    exact = c.double()[:, None] * ((consts["ZOFF"] - z.double()[None, :]) * consts["ZMUL"])
+    assert torch.equal(v.double(), exact)
+    hi, lo = split_bf16(v)
+    assert torch.equal(hi.double() + lo.double(), exact)
+    x = torch.randn(100000, generator=torch.Generator().manual_seed(0)) * 100
+    hi, lo = split_bf16(x)
+    assert ((hi.double() + lo.double() - x.double()).abs() <= x.double().abs() * 2.0 ** -16).all()

@@ -269,15 +269,32 @@ else:
     def test_rule_runs_the_half2_gemv_for_few_tokens(bits, m, monkeypatch):
         """Without a table entry, 2-bit weights up to 4 tokens and 4-bit ones at 3..4 tokens take the half2
         GEMV for 16-bit inputs and the fp32 GEMV for fp32 inputs (on the same tile, or on its own where the rule's
-        tile is a whole-column one, as at one token), both matching the reference."""
+        tile is a whole-column one, as at one token), both matching the reference. At 3..4 tokens the rule names
+        the tensor-core decode kernel, which needs a CUDA GPU: off it, the half2 GEMV is the fallback."""
         lay = layer(bits, seed=60 + bits)
         n, kq = lay.out_features, lay.scales.shape[1] * 32
         assert triton_ops.table_key(bits, kq, n, m) not in triton_ops.TABLE
         cfg = triton_ops.choose_config(bits, m, n, kq)
-        assert cfg.kernel == "gemv_h2" and cfg.block_m >= m
+        assert cfg.kernel == ("gemv_mma" if m >= 3 else "gemv_h2")
+        fallback = triton_ops.default_config(bits, m, n, kq, mma=False)
+        assert fallback.kernel == "gemv_h2" and fallback.block_m >= m
         (h2_bf16, gemv_bf16), (h2_all, gemv_all) = dispatch_spied(lay, bits, m, monkeypatch)
         assert len(h2_bf16) == 1 and gemv_bf16 == []
         assert len(h2_all) == 1 and len(gemv_all) == 1
+
+    @pytest.mark.parametrize("bits, ms, warps, splits", [
+        (2, range(3, 9), 2, (8, 2, 8)), (2, range(9, 17), 1, (8, 1, 4)),
+        (4, range(3, 9), 1, (8, 2, 8)), (4, range(9, 17), 2, (8, 1, 4))])
+    def test_rule_gives_the_tensor_core_decode_kernel_three_to_sixteen_tokens(bits, ms, warps, splits):
+        """2- and 4-bit weights at 3..16 tokens: programs of the fitted width, split along K for the fitted programs
+        per SM (``MMA_PROGRAMS``) but never below four 128-K steps each (4096 x 4096: eight splits of four steps, where
+        the programs per SM would ask for more); 3- and 8-bit weights, and 17 tokens, keep the other kernels."""
+        for m in ms:
+            for (k, n), split in zip(((4096, 4096), (8192, 28672), (8192, 8192)), splits):
+                cfg = triton_ops.default_config(bits, m, n, k)
+                assert cfg == Config("gemv_mma", 8 if m <= 8 else 16, 32 * warps, 128, split_k=split, num_warps=warps)
+        assert triton_ops.default_config(3, 5, 4096, 4096).kernel == "gemm_t"
+        assert triton_ops.default_config(bits, 17, 4096, 4096).kernel == "gemm_t"
 
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 2), (4, 1), (4, 2)])
     def test_tuned_gemv_h2_entry_round_trips_and_dispatches(bits, m, tmp_path, monkeypatch):

@@ -103,13 +103,13 @@ def test_gemm_ws_tiles(tile, bits, dtype):
                                          (4, torch.float16)])
 @pytest.mark.parametrize("warps, split", [(1, 1), (2, 4), (4, 16)])
 def test_gemv_mma(bits, dtype, warps, split):
-    """The tensor-core decode kernel at 1..8 tokens: partial program tiles in N (N = 4000 with 64 and 128 channels
-    per program), split counts that do not divide the steps, token scales and bias; 9 tokens fall back to the
-    other kernels."""
-    cfg = Config("gemv_mma", 8, 32 * warps, 128, split_k=split, num_warps=warps)
+    """The tensor-core decode kernel at 1..16 tokens (one and two token tiles): partial program tiles in N (N = 4000
+    with 64 and 128 channels per program), split counts that do not divide the steps, token scales and bias; 17
+    tokens fall back to the other kernels."""
+    cfg = Config("gemv_mma", 16, 32 * warps, 128, split_k=split, num_warps=warps)
     for k, n in ((4096, 4000), (11008, 1024)):
         layer = make_layer(k, n, bits, gen("mma", k, n, bits))
-        for m in (1, 2, 3, 5, 8, 9):
+        for m in (1, 2, 3, 5, 8, 9, 12, 16, 17):
             check_wa16(layer, m, dtype, gen("mma", k, n, bits, m, warps, split), cfg)
         x = torch.randn(3, k, device="cuda", generator=gen("mma-ts", k)).to(dtype)
         ts = torch.rand(3, device="cuda", generator=gen("mma-ts")) + 0.5
