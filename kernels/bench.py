@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from .gluon_gemm import WARPS as WS_WARPS
+from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
@@ -50,7 +51,6 @@ from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
 from .triton_gemv_h2 import gemv_h2_kernel
 from .triton_mma import mma_kernel
-from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
 from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_mma_config, gemv_split, launch_actquant,
                           launch_linear, launch_linear_wa, mma8_config, save_table, table_key)
 

@@ -296,15 +296,18 @@ def _zero_terms(acc0, acc1, zc0, zc1, xg0, xg1, NT: gl.constexpr):
     out1 = ()
     for u in gl.static_range(NT):
         xh, xl = _split(xg0[u], xg1[u])
-        out0 = out0 + gl.inline_asm_elementwise(
-            ZERO_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-            [zh[0], zh[1], zl[0], zl[1], xh, xl, acc0[4 * u], acc0[4 * u + 1], acc0[4 * u + 2], acc0[4 * u + 3]],
-            dtype=(gl.float32, ) * 4, is_pure=True, pack=1)
-        out1 = out1 + gl.inline_asm_elementwise(
-            ZERO_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
-            [zh[2], zh[3], zl[2], zl[3], xh, xl, acc1[4 * u], acc1[4 * u + 1], acc1[4 * u + 2], acc1[4 * u + 3]],
-            dtype=(gl.float32, ) * 4, is_pure=True, pack=1)
+        out0 = out0 + _tile_zero_terms(zh, zl, 0, xh, xl, acc0, u)
+        out1 = out1 + _tile_zero_terms(zh, zl, 1, xh, xl, acc1, u)
     return out0, out1
+
+
+@gluon.jit
+def _tile_zero_terms(zh, zl, t: gl.constexpr, xh, xl, acc, u: gl.constexpr):
+    """:data:`ZERO_ASM` on tile ``t`` (channels ``2 t``, ``2 t + 1``) and token tile ``u`` of ``acc``."""
+    return gl.inline_asm_elementwise(
+        ZERO_ASM, "=f,=f,=f,=f,r,r,r,r,r,r,f,f,f,f",
+        [zh[2 * t], zh[2 * t + 1], zl[2 * t], zl[2 * t + 1], xh, xl, acc[4 * u], acc[4 * u + 1], acc[4 * u + 2],
+         acc[4 * u + 3]], dtype=(gl.float32, ) * 4, is_pure=True, pack=1)
 
 
 @gluon.jit
