@@ -51,8 +51,8 @@ from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
 from .triton_gemv_h2 import gemv_h2_kernel
 from .triton_mma import mma_kernel
-from .triton_ops import (TABLE, Config, choose_config, fp32_gemv_tile, gemv_mma_config, gemv_split, launch_actquant,
-                          launch_linear, launch_linear_wa, mma8_config, save_table, table_key)
+from .triton_ops import (MMA_MAX_ROWS, TABLE, Config, choose_config, fp32_gemv_tile, gemv_mma_config, gemv_split,
+                          launch_actquant, launch_linear, launch_linear_wa, mma8_config, save_table, table_key)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (14336, 4096), (8192, 8192), (8192, 28672),
           (28672, 8192)]
@@ -235,13 +235,16 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
 def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Configurations ``--tune`` tries for M tokens on an N x Kq weight at ``bits``: the half2 GEMV's tiles
     (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, the tensor-core decode kernel's
-    programs of 1, 2 and 4 warps for 2/4-bit weights up to 16 tokens (split as the rule's, and half and twice that),
+    programs for 2/4-bit weights up to 16 tokens (the rule's rows of warps and split, each also halved and doubled),
     tensor-core tiles for the rest (split-K up to 512 tokens), the dense path from 65 tokens and the warp-specialized
     kernel's tiles (:data:`WS_TILES`) from 129."""
     decode = []
     if m <= MMA_MAX_TOKENS and bits in (2, 4):
         rule = gemv_mma_config(bits, m, n, kq)
-        decode = [replace(rule, block_n=32 * w, num_warps=w, split_k=s) for w in (1, 2, 4)
+        wn = rule.block_n // 32
+        rows = rule.num_warps // wn
+        decode = [replace(rule, num_warps=r * wn, split_k=s)
+                  for r in sorted({max(rows // 2, 1), rows, min(2 * rows, MMA_MAX_ROWS)})
                   for s in sorted({max(rule.split_k // 2, 1), rule.split_k, 2 * rule.split_k})]
     if m <= 4 and bits in (2, 4):
         bm = m if m <= 2 else 4

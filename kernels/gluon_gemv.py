@@ -29,8 +29,10 @@ Thread mapping (``g`` = lane / 4, ``c`` = lane % 4): a warp owns 32 output chann
 ``4 g + 2 t`` and ``4 g + 2 t + 1`` of tile ``t``); per step of 128 K the lanes of a quad own one group each
 (group ``4 step + c``), so every lane reads and dequantizes only its own group's words, scale and zero bytes, and
 lane ``(g, c)`` loads token ``g``'s (and ``g + 8``'s) activations of that group, which are exactly its B fragments.
-A program's warps walk disjoint channels; split-K programs reduce in-kernel (a workspace and a self-resetting
-counter per tile, as :func:`kernels.triton_common.finish`).
+A program owns 32 channels per warp of a row; its rows of warps (1 to 8) walk consecutive ranges of the program's
+K steps and add their sums through shared memory at the end, so one program can put up to 16 warps on a column
+block without a cross-program reduction (session 15: up to 1.23x the speed of split-K alone). Split-K programs
+reduce in-kernel (a workspace and a self-resetting counter per tile, as :func:`kernels.triton_common.finish`).
 
 Scope: 2- and 4-bit K-major codes, bf16/fp16 activations, ``M <= 16``, ``Kq % 256 == 0``, ``N % 32 == 0``, no split
 channels (:func:`mma_gemv_supported`); sm_80 or newer. Gluon has no interpreter: tested on the GPU only.
@@ -200,20 +202,32 @@ def _chunk(j: gl.constexpr, wc, c2, adds, bs, one_p, acc0e, acc0o, acc1e, acc1o,
 
 
 @gluon.jit
-def _load_step(w_ptr, s_ptr, z_ptr, x_ptr, step, N, sx, n_w, c_w, tok_x, c_x, n_t, c_t, P: gl.constexpr,
-               NT: gl.constexpr, L4: gl.constexpr, L16: gl.constexpr):
-    """One step's operands of every lane, unmasked (the caller clamps the indices into the tensors): ``P`` word rows
-    of its four channels (``[R, 4]`` each), 32 activations of its token in each token tile (``tok_x``; ``[R, 16]``
-    pair containers each), and its four channels' scale and zero bytes (one word each)."""
+def _load_step(w_ptr, s_ptr, z_ptr, x_ptr, j, first_w, first_x, first_t, end_x, n_steps, N, sx, n_w, c_w, tok_x, c_x,
+               n_t, c_t, P: gl.constexpr, NT: gl.constexpr, RAGGED: gl.constexpr, L4: gl.constexpr,
+               L16: gl.constexpr):
+    """Step ``j`` of every lane's range (``first_*``: its first step, in the layouts of the loads): ``P`` word rows of
+    its four channels (``[R, 4]`` each), 32 activations of its token in each token tile (``tok_x``; ``[R, 16]`` pair
+    containers each; with ``RAGGED``, zero past the range's end ``end_x``, so such a step adds nothing) and its four
+    channels' scale and zero bytes (one word each). Indices are clamped into the tensors."""
     cw = gl.arange(0, 4, layout=gl.SliceLayout(0, L4))[None, :]
+    sw = first_w + j
+    st = first_t + j
+    if RAGGED:  # ranges past the last step read its codes (and no activations)
+        sw = gl.minimum(sw, n_steps - 1)
+        st = gl.minimum(st, n_steps - 1)
     words = ()
     for r in gl.static_range(P):
-        words = words + (gl.load(w_ptr + (((4 * step + c_w) * P + r) * N + n_w)[:, None] + cw), )
+        words = words + (gl.load(w_ptr + (((4 * sw + c_w) * P + r) * N + n_w)[:, None] + cw), )
     kx = gl.arange(0, 16, layout=gl.SliceLayout(0, L16))[None, :]
+    sx_ = first_x + j
     xas = ()
     for u in gl.static_range(NT):
-        xas = xas + (gl.load(x_ptr + (tok_x[u] * sx + (4 * step + c_x) * 16)[:, None] + kx), )
-    soff = (4 * step + c_t) * (N // 4) + n_t // 4
+        if RAGGED:
+            ptr = x_ptr + (tok_x[u] * sx + (4 * gl.minimum(sx_, n_steps - 1) + c_x) * 16)[:, None] + kx
+            xas = xas + (gl.load(ptr, mask=(sx_ < end_x)[:, None] & (kx < 16), other=0), )
+        else:
+            xas = xas + (gl.load(x_ptr + (tok_x[u] * sx + (4 * sx_ + c_x) * 16)[:, None] + kx), )
+    soff = (4 * st + c_t) * (N // 4) + n_t // 4
     return words, xas, gl.load(s_ptr + soff), gl.load(z_ptr + soff)
 
 
@@ -312,15 +326,21 @@ def _tile_zero_terms(zh, zl, t: gl.constexpr, xh, xl, acc, u: gl.constexpr):
 
 @gluon.jit
 def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, n_steps,
-                    steps_per_split, sx, sy, one, SPLIT_K, P: gl.constexpr, BF16: gl.constexpr, NT: gl.constexpr,
-                    ZOFF: gl.constexpr, ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr,
-                    HAS_BIAS: gl.constexpr):
+                    steps_per_split, steps_per_warp, sx, sy, one, SPLIT_K, P: gl.constexpr, BF16: gl.constexpr,
+                    NT: gl.constexpr, WK: gl.constexpr, RAGGED: gl.constexpr, ZOFF: gl.constexpr,
+                    ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
     """``y [M, N] = x [M, Kq] @ W_b^T`` for ``M <= 8 NT`` (``NT`` token tiles of 8, one or two); see the module
     docstring. ``x_ptr``, ``w_ptr``, ``s_ptr``, ``z_ptr``: int32 views of the activations (row stride ``sx`` words),
-    the K-major codes (``[Kq P / 32, N]``) and the K-major scale and zero bytes (``[G, N / 4]``). Every split has an
-    even number of steps (two per loop iteration)."""
+    the K-major codes (``[Kq P / 32, N]``) and the K-major scale and zero bytes (``[G, N / 4]``). A program's warps
+    are ``WK`` rows of ``num_warps / WK`` warps: the rows walk consecutive ranges of ``steps_per_warp`` steps of the
+    program's split (their sums are added in shared memory at the end), the warps of a row disjoint channels. Splits
+    and ranges have even step counts (two per loop iteration); one row walks its split's steps, several walk
+    ``steps_per_warp`` each, and with ``RAGGED`` some of those ranges end early (the last split's, or its last rows):
+    their steps past the end read no activations."""
     W: gl.constexpr = gl.num_warps()
-    R: gl.constexpr = 32 * W
+    WN: gl.constexpr = W // WK
+    R: gl.constexpr = 32 * W  # lanes
+    RO: gl.constexpr = 32 * WN  # lanes of one row of warps: the program's channels / 4
     NV: gl.constexpr = 8 * NT  # output values per lane: 4 channels x 2 tokens per token tile
     LT: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
     L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
@@ -331,10 +351,10 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     tid_t = gl.arange(0, R, layout=LT)
     tid_w = gl.arange(0, R, layout=gl.SliceLayout(1, L4))
     tid_x = gl.arange(0, R, layout=gl.SliceLayout(1, L16))
-    # lanes past N or M read the last channel or token (clamped, never stored)
-    n_t = gl.minimum(pid_n * R + (tid_t // 32) * 32 + (tid_t % 32) // 4 * 4, N - 4)
-    n_w = gl.minimum(pid_n * R + (tid_w // 32) * 32 + (tid_w % 32) // 4 * 4, N - 4)
-    n_out = pid_n * R + (tid_t // 32) * 32 + (tid_t % 32) // 4 * 4
+    # lanes past N or M read the last channel or token (clamped, never stored). The channel is written per warp and
+    # lane quad: as (tid % RO) // 4 * 4, same values, ptxas scheduled the 16-token W4 loop's loads later (15 % slower)
+    n_t = gl.minimum(pid_n * RO + (tid_t % RO) // 32 * 32 + (tid_t % 32) // 4 * 4, N - 4)
+    n_w = gl.minimum(pid_n * RO + (tid_w % RO) // 32 * 32 + (tid_w % 32) // 4 * 4, N - 4)
     tok_x = ()
     for u in gl.static_range(NT):
         tok_x = tok_x + (gl.minimum(8 * u + (tid_x % 32) // 4, M - 1), )
@@ -342,6 +362,21 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     c_t = tid_t % 4
     s0 = pid_k * steps_per_split
     s1 = gl.minimum(s0 + steps_per_split, n_steps)
+    # the loop walks j in [lo, hi); a lane's step is first + j (first in each layout the loads use): one row of warps
+    # walks its split's steps, several walk ranges of steps_per_warp (RAGGED: the last ones end early)
+    if WK == 1:
+        lo = s0
+        hi = s1
+        first_w = 0
+        first_x = 0
+        first_t = 0
+    else:
+        lo = 0
+        hi = steps_per_warp
+        first_w = s0 + (tid_w // RO) * steps_per_warp
+        first_x = s0 + (tid_x // RO) * steps_per_warp
+        first_t = s0 + (tid_t // RO) * steps_per_warp
+    end_x = gl.minimum(first_x + steps_per_warp, s1)
 
     one_p = ()
     neg_p = ()
@@ -359,15 +394,15 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     acc1o = acc0e
 
     # two steps per iteration; the next step's operands load while one is computed (a register double buffer)
-    cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, s0, N, sx, n_w, tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P, NT, L4,
-                     L16)
-    for step in range(s0, s1, 2):
-        nxt = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, step + 1, N, sx, n_w, tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P,
-                         NT, L4, L16)
+    cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, lo, first_w, first_x, first_t, end_x, n_steps, N, sx, n_w, tid_w % 4,
+                     tok_x, tid_x % 4, n_t, c_t, P, NT, RAGGED, L4, L16)
+    for j in range(lo, hi, 2):
+        nxt = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, j + 1, first_w, first_x, first_t, end_x, n_steps, N, sx, n_w,
+                         tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P, NT, RAGGED, L4, L16)
         acc0e, acc0o, acc1e, acc1o, zc0, xg0 = _step(cur, acc0e, acc0o, acc1e, acc1o, one_p, neg_p, sel, zero_u, g_t,
                                                      c_t, ZOFF, ZMUL, P, BF16, NT, LT)
-        cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, gl.minimum(step + 2, s1 - 1), N, sx, n_w, tid_w % 4, tok_x,
-                         tid_x % 4, n_t, c_t, P, NT, L4, L16)
+        cur = _load_step(w_ptr, s_ptr, z_ptr, x_ptr, gl.minimum(j + 2, hi - 1), first_w, first_x, first_t, end_x,
+                         n_steps, N, sx, n_w, tid_w % 4, tok_x, tid_x % 4, n_t, c_t, P, NT, RAGGED, L4, L16)
         acc0e, acc0o, acc1e, acc1o, zc1, xg1 = _step(nxt, acc0e, acc0o, acc1e, acc1o, one_p, neg_p, sel, zero_u, g_t,
                                                      c_t, ZOFF, ZMUL, P, BF16, NT, LT)
         acc0o, acc1o = _zero_terms(acc0o, acc1o, zc0, zc1, xg0, xg1, NT)
@@ -381,24 +416,35 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
                 vals = vals + _tile_pair(acc0e, acc0o, 4 * u + 2 * (ch % 2))
             else:
                 vals = vals + _tile_pair(acc1e, acc1o, 4 * u + 2 * (ch % 2))
+    if WK == 1:
+        tid_o = tid_t
+    else:  # the rows of warps summed (through shared memory): every warp then holds its row's sums
+        L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [WK, WN], [1, 0])
+        rows = ()
+        for i in gl.static_range(NV):
+            rows = rows + (gl.sum(gl.convert_layout(gl.reshape(vals[i], [WK, RO]), L2), axis=0), )
+        vals = rows
+        tid_o = gl.arange(0, RO, layout=gl.SliceLayout(0, L2))
+    n_out = pid_n * RO + tid_o // 32 * 32 + (tid_o % 32) // 4 * 4
+    c_o = tid_o % 4
     tile = pid_n
     if SPLIT_K > 1:
-        base = ws_ptr + tile * (SPLIT_K * NV * R)
+        base = ws_ptr + tile * (SPLIT_K * NV * RO)
         for i in gl.static_range(NV):
-            gl.store(base + (pid_k * NV + i) * R + tid_t, vals[i])
+            gl.store(base + (pid_k * NV + i) * RO + tid_o, vals[i])
         gl.thread_barrier()
         arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
-            total = (zero_f, ) * NV
+            total = (gl.zeros_like(vals[0]), ) * NV
             for s in range(SPLIT_K):
                 part = ()
                 for i in gl.static_range(NV):
-                    part = part + (total[i] + gl.load(base + (s * NV + i) * R + tid_t, cache_modifier=".cg"), )
+                    part = part + (total[i] + gl.load(base + (s * NV + i) * RO + tid_o, cache_modifier=".cg"), )
                 total = part
             gl.atomic_xchg(cnt_ptr + tile, 0)
-            _store(total, n_out, c_t, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, NT, COL_MULT, HAS_TS, HAS_BIAS)
+            _store(total, n_out, c_o, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, NT, COL_MULT, HAS_TS, HAS_BIAS)
     else:
-        _store(vals, n_out, c_t, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, NT, COL_MULT, HAS_TS, HAS_BIAS)
+        _store(vals, n_out, c_o, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, NT, COL_MULT, HAS_TS, HAS_BIAS)
 
 
 @gluon.jit
@@ -444,22 +490,29 @@ def mma_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales:
 
 def launch_gemv_mma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     row_scale: torch.Tensor, token_scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                    col_mult: float, zoff: float, zmul: float, warps: int, split_k: int, ws: torch.Tensor,
-                    counters: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+                    col_mult: float, zoff: float, zmul: float, channels: int, warps: int, split_k: int,
+                    ws: torch.Tensor, counters: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``y = x @ W_b^T`` (``x`` ``[M <= 16, Kq]``, 16-bit, rows 16-byte aligned) with :func:`gemv_mma_kernel`:
-    ``warps`` warps of 32 channels per program, up to ``split_k`` programs along K (``ws``: ``tiles * split_k *
-    token_rows(M) * 32 * warps`` floats, ``tiles = N / (32 warps)``; ``counters``: one zeroed int32 per tile)."""
+    programs of ``channels`` output channels (a multiple of 32) and ``warps`` warps, ``warps * 32 / channels`` rows
+    of warps splitting the program's steps; up to ``split_k`` programs along K (``ws``: ``tiles * split_k *
+    token_rows(M) * channels`` floats, ``tiles = N / channels``; ``counters``: one zeroed int32 per tile)."""
     m, kq = x.shape
     n = scales.shape[0]
+    wk = warps * WARP_CHANNELS // channels
+    if channels % WARP_CHANNELS or wk < 1 or warps % wk:
+        raise ValueError(f"gemv_mma: {channels} channels per program on {warps} warps: need a multiple of 32 channels "
+                         "and whole rows of warps (warps * 32 / channels rows dividing warps)")
     n_steps = kq // STEP_K
     per_split = 2 * triton.cdiv(n_steps, 2 * split_k)  # the loop takes two steps at a time
-    grid = (triton.cdiv(n, WARP_CHANNELS * warps), triton.cdiv(n_steps, per_split))
+    per_warp = 2 * triton.cdiv(per_split, 2 * wk)
+    grid = (triton.cdiv(n, channels), triton.cdiv(n_steps, per_split))
     su8 = scales.view(torch.uint8)
     bf16 = x.dtype == torch.bfloat16
     gemv_mma_kernel[grid](
         x.view(torch.int32), packed, su8.T.view(torch.int32), zeros.T.view(torch.int32), row_scale,
         token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y, ws,
-        counters, m, n, n_steps, per_split, x.stride(0) // 2, y.stride(0), 0x43004300 if bf16 else 0x64006400,
-        grid[1], P=bits, BF16=bf16, NT=token_rows(m) // 8, ZOFF=zoff, ZMUL=zmul, COL_MULT=col_mult,
-        HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps)
+        counters, m, n, n_steps, per_split, per_warp, x.stride(0) // 2, y.stride(0),
+        0x43004300 if bf16 else 0x64006400, grid[1], P=bits, BF16=bf16, NT=token_rows(m) // 8, WK=wk,
+        RAGGED=wk > 1 and per_warp * wk * grid[1] != n_steps, ZOFF=zoff,
+        ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps)
     return y

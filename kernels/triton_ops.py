@@ -43,10 +43,11 @@ TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
 ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chunk per row)
 MMA_RULE_TOKENS = range(3, 17)  # token counts the rule gives the tensor-core decode kernel (2- and 4-bit weights)
-# (bits, token tiles) -> (warps per program, programs per SM) of the decode kernel's rule: fitted to the A/B of
-# session 14 (docs/results/gemv-mma-ab2-h200.json, 10 shapes x M = 3, 4, 8, 12, 16): on its cells the rule's
-# configuration is on geometric mean within 0.2-2.2 % of the best one timed
-MMA_PROGRAMS = {(2, 1): (2, 4), (2, 2): (1, 6), (4, 1): (1, 8), (4, 2): (2, 3)}
+# the decode kernel's rule: about this many warps per SM, from rows of warps along K (at most MMA_MAX_ROWS) before
+# split-K programs; fitted to the A/B of session 15 (docs/results/gemv-mma-rows-ab-h200.json: on its 30 cells at 4..16
+# tokens within 1.2 % of the best configuration timed on geometric mean, at worst 4.9 %)
+MMA_WARPS_PER_SM = 16
+MMA_MAX_ROWS = 8
 
 
 @dataclass(frozen=True)
@@ -139,15 +140,21 @@ def gemv_tile(bits: int, m: int) -> tuple[str, int, int, int, int]:
 
 
 def gemv_mma_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Config:
-    """The tensor-core decode kernel's configuration by shape (:mod:`kernels.gluon_gemv`): programs of
-    :data:`MMA_PROGRAMS` warps, split along K into the fewest parts that give the programs per SM it names, each
-    with at least four 128-K steps."""
-    warps, per_sm = MMA_PROGRAMS[bits, token_rows(m) // 8]
-    tiles = triton.cdiv(n, WARP_CHANNELS * warps)
+    """The tensor-core decode kernel's configuration by shape (:mod:`kernels.gluon_gemv`): programs of 32 output
+    channels per token tile (one warp each), doubled into rows of warps along K (each row at least four 128-K steps,
+    at most :data:`MMA_MAX_ROWS` rows), then into split-K programs (each warp at least two steps), while the warps
+    stay within :data:`MMA_WARPS_PER_SM` per SM."""
+    wn = token_rows(m) // 8
+    tiles = triton.cdiv(n, WARP_CHANNELS * wn)
+    steps = kq // STEP_K
+    budget = MMA_WARPS_PER_SM * sms
+    rows = 1
+    while rows < MMA_MAX_ROWS and tiles * 2 * rows * wn <= budget and steps // (2 * rows) >= 4:
+        rows *= 2
     split = 1
-    while tiles * split < per_sm * sms and kq // (STEP_K * 2 * split) >= 4 and split < 64:
+    while tiles * 2 * split * rows * wn <= budget and steps // (2 * split * rows) >= 2:
         split *= 2
-    return Config("gemv_mma", token_rows(m), WARP_CHANNELS * warps, STEP_K, split_k=split, num_warps=warps)
+    return Config("gemv_mma", token_rows(m), WARP_CHANNELS * wn, STEP_K, split_k=split, num_warps=rows * wn)
 
 
 def default_config(bits: int, m: int, n: int, kq: int, mma: bool = True) -> Config:
@@ -338,8 +345,8 @@ def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bit
     split_k, ws, cnt = _split_buffers(tiles, replace(cfg, block_m=token_rows(x.shape[0])), x.device)
     _, _, consts = weight_args(bits, master_bits, scales.shape[1] * GROUP_SIZE)
     return launch_gemv_mma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                           256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.num_warps, split_k,
-                           ws, cnt, y)
+                           256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_n,
+                           cfg.num_warps, split_k, ws, cnt, y)
 
 
 def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,

@@ -52,12 +52,14 @@ def grid(m: int, n: int, kq: int) -> list[Config]:
     tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256 tokens wide, without and
     with split-K), the warp-specialized tiles and the dense path."""
     out = []
-    if m <= MAX_TOKENS:  # the tensor-core decode kernel: 1, 2 or 4 warps of 32 channels, split-K for about 2-8
-        for warps in (1, 2, 4):  # programs per SM
-            tiles = triton.cdiv(n, 32 * warps)
-            s = split_for(tiles, kq, 256)
-            out += [Config("gemv_mma", token_rows(m), 32 * warps, 128, split_k=sk, num_warps=warps)
-                    for sk in sorted({s, 2 * s, 4 * s})]
+    if m <= MAX_TOKENS:  # the tensor-core decode kernel: 32 or 64 channels per program, 1..8 rows of warps along
+        for channels in (32, 64):  # K, split-K for 8..32 warps per SM
+            for rows in (1, 2, 4, 8):
+                warps = channels // 32 * rows
+                tiles = triton.cdiv(n, channels)
+                out += [Config("gemv_mma", token_rows(m), channels, 128, split_k=sk, num_warps=warps)
+                        for sk in (1, 2, 4, 8, 16) if 8 * SMS <= tiles * sk * warps <= 32 * SMS
+                        and kq // (128 * sk * rows) >= 2]
     if m <= 64:
         bm = max(16, triton.next_power_of_2(m))
         for kernel, bms in (("gemm_t", (bm,)), ("gemm", sorted({bm, 64}))):

@@ -282,17 +282,18 @@ else:
         assert len(h2_bf16) == 1 and gemv_bf16 == []
         assert len(h2_all) == 1 and len(gemv_all) == 1
 
-    @pytest.mark.parametrize("bits, ms, warps, splits", [
-        (2, range(3, 9), 2, (8, 2, 8)), (2, range(9, 17), 1, (8, 1, 4)),
-        (4, range(3, 9), 1, (8, 2, 8)), (4, range(9, 17), 2, (8, 1, 4))])
-    def test_rule_gives_the_tensor_core_decode_kernel_three_to_sixteen_tokens(bits, ms, warps, splits):
-        """2- and 4-bit weights at 3..16 tokens: programs of the fitted width, split along K for the fitted programs
-        per SM (``MMA_PROGRAMS``) but never below four 128-K steps each (4096 x 4096: eight splits of four steps, where
-        the programs per SM would ask for more); 3- and 8-bit weights, and 17 tokens, keep the other kernels."""
+    @pytest.mark.parametrize("bits", [2, 4])
+    @pytest.mark.parametrize("ms, channels, programs", [
+        (range(3, 9), 32, ((8, 2), (2, 1), (8, 1))), (range(9, 17), 64, ((16, 2), (4, 1), (16, 1)))])
+    def test_rule_gives_the_tensor_core_decode_kernel_three_to_sixteen_tokens(bits, ms, channels, programs):
+        """2- and 4-bit weights at 3..16 tokens: 32 channels per token tile, rows of warps along K up to about
+        ``MMA_WARPS_PER_SM`` warps per SM (8192 x 8192: 8 rows of eight steps; 8192 x 28672, 7 programs per SM
+        already: 2 rows), then split-K (4096 x 4096: 8 rows of two steps each, 2 splits); 3- and 8-bit weights, and
+        17 tokens, keep the other kernels."""
         for m in ms:
-            for (k, n), split in zip(((4096, 4096), (8192, 28672), (8192, 8192)), splits):
+            for (k, n), (warps, split) in zip(((4096, 4096), (8192, 28672), (8192, 8192)), programs):
                 cfg = triton_ops.default_config(bits, m, n, k)
-                assert cfg == Config("gemv_mma", 8 if m <= 8 else 16, 32 * warps, 128, split_k=split, num_warps=warps)
+                assert cfg == Config("gemv_mma", 8 if m <= 8 else 16, channels, 128, split_k=split, num_warps=warps)
         assert triton_ops.default_config(3, 5, 4096, 4096).kernel == "gemm_t"
         assert triton_ops.default_config(bits, 17, 4096, 4096).kernel == "gemm_t"
 

@@ -99,14 +99,17 @@ def test_gemm_ws_tiles(tile, bits, dtype):
             check_wa16(layer, m, dtype, gen("ws", k, n, bits, m, tile), cfg)
 
 
-@pytest.mark.parametrize("bits, dtype", [(2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
-                                         (4, torch.float16)])
-@pytest.mark.parametrize("warps, split", [(1, 1), (2, 4), (4, 16)])
-def test_gemv_mma(bits, dtype, warps, split):
+@pytest.mark.parametrize("bits, dtype, channels, warps, split", [
+    (bits, dtype) + program for bits, dtype in ((2, torch.bfloat16), (2, torch.float16), (4, torch.bfloat16),
+                                                (4, torch.float16)) for program in ((32, 1, 1), (64, 2, 4), (128, 4, 16))
+] + [(2, torch.bfloat16, 32, 4, 1), (4, torch.float16, 32, 4, 1), (2, torch.float16, 64, 8, 3),
+     (4, torch.bfloat16, 64, 8, 3), (2, torch.bfloat16, 32, 8, 2), (4, torch.float16, 32, 8, 2)])
+def test_gemv_mma(bits, dtype, channels, warps, split):
     """The tensor-core decode kernel at 1..16 tokens (one and two token tiles): partial program tiles in N (N = 4000
-    with 64 and 128 channels per program), split counts that do not divide the steps, token scales and bias; 17
+    with 64 and 128 channels per program), split counts that do not divide the steps, rows of warps splitting a
+    program's steps (4 rows of 1 and 2 warps, 8 rows of 1; ragged ranges on both shapes), token scales and bias; 17
     tokens fall back to the other kernels."""
-    cfg = Config("gemv_mma", 16, 32 * warps, 128, split_k=split, num_warps=warps)
+    cfg = Config("gemv_mma", 16, channels, 128, split_k=split, num_warps=warps)
     for k, n in ((4096, 4000), (11008, 1024)):
         layer = make_layer(k, n, bits, gen("mma", k, n, bits))
         for m in (1, 2, 3, 5, 8, 9, 12, 16, 17):
