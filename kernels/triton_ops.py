@@ -67,8 +67,8 @@ class Config:
     off Hopper, or for 3- or 8-bit codes, fp32 inputs or row-major codes, the dense path runs instead. ``"gemv_mma"``
     (:mod:`kernels.gluon_gemv`; the rule's choice at 3..16 tokens for 2- and 4-bit weights, the table's for many
     shapes at 2..16): ``mma.sync`` on ``q c`` pairs built in registers, block_m the tokens computed (8 or 16),
-    block_n ``32 * num_warps`` channels, block_k 128; calls it does not take
-    (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
+    block_n the channels per program (a multiple of 32), ``num_warps * 32 / block_n`` rows of warps along K, block_k
+    128; calls it does not take (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
     """
 
     kernel: str
