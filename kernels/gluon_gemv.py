@@ -370,13 +370,14 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
         first_w = 0
         first_x = 0
         first_t = 0
+        end_x = s1
     else:
         lo = 0
         hi = steps_per_warp
         first_w = s0 + (tid_w // RO) * steps_per_warp
         first_x = s0 + (tid_x // RO) * steps_per_warp
         first_t = s0 + (tid_t // RO) * steps_per_warp
-    end_x = gl.minimum(first_x + steps_per_warp, s1)
+        end_x = gl.minimum(first_x + steps_per_warp, s1)
 
     one_p = ()
     neg_p = ()

@@ -287,8 +287,8 @@ else:
         (range(3, 9), 32, ((8, 2), (2, 1), (8, 1))), (range(9, 17), 64, ((16, 2), (4, 1), (16, 1)))])
     def test_rule_gives_the_tensor_core_decode_kernel_three_to_sixteen_tokens(bits, ms, channels, programs):
         """2- and 4-bit weights at 3..16 tokens: 32 channels per token tile, rows of warps along K up to about
-        ``MMA_WARPS_PER_SM`` warps per SM (8192 x 8192: 8 rows of eight steps; 8192 x 28672, 7 programs per SM
-        already: 2 rows), then split-K (4096 x 4096: 8 rows of two steps each, 2 splits); 3- and 8-bit weights, and
+        ``MMA_WARPS_PER_SM`` warps per SM (8192 x 8192: 8 rows of eight steps; 8192 x 28672, 896 one-warp programs,
+        7 per SM already: 2 rows), then split-K (4096 x 4096: 8 rows of two steps each, 2 splits); 3- and 8-bit weights, and
         17 tokens, keep the other kernels."""
         for m in ms:
             for (k, n), (warps, split) in zip(((4096, 4096), (8192, 28672), (8192, 8192)), programs):
