@@ -48,6 +48,8 @@ PRODUCER_WARPS = gl.constexpr(4)
 PRODUCER_REGS = gl.constexpr(152)  # per producer thread; the MMA warps keep the launch's 168
 # the TMA tile load: ``async_copy_global_to_shared`` in Triton 3.6 (the H200's), renamed ``async_load`` by 3.9
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# a barrier of the calling warps (the CTA or a warp-specialized partition): ``thread_barrier`` (3.6), ``barrier`` (3.9)
+cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
 
 @gluon.constexpr_function
@@ -283,7 +285,7 @@ def zero_terms(scales: torch.Tensor, zeros: torch.Tensor, zoff: float, zmul: flo
     return out
 
 
-def _descriptor(t: torch.Tensor, block: list[int], swizzled: bool) -> TensorDescriptor:
+def tma_descriptor(t: torch.Tensor, block: list[int], swizzled: bool) -> TensorDescriptor:
     """A TMA descriptor of the 2-D tensor ``t`` (rows 16-byte aligned, unit stride along them) in ``block`` tiles:
     swizzled for wgmma operands, plain for the codes and scale bytes that the producer reads."""
     dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32, torch.uint8: gl.uint8}
@@ -313,11 +315,11 @@ def launch_gemm_ws(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
         x = x.clone(memory_format=torch.contiguous_format)  # TMA reads 16-byte aligned rows
     su8 = scales.view(torch.uint8)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
-    gemm_ws_kernel[grid](_descriptor(x, [block_m, block_k], True),
-                         _descriptor(group_means(x), [block_m, block_k], True),
-                         _descriptor(packed.t(), [block_k * bits // 32, block_n], False),
-                         _descriptor(su8.t(), [block_k // GROUP_SIZE, block_n], False),
-                         _descriptor(zero_terms(scales, zeros, zoff, zmul, x.dtype), [block_n, block_k], True),
+    gemm_ws_kernel[grid](tma_descriptor(x, [block_m, block_k], True),
+                         tma_descriptor(group_means(x), [block_m, block_k], True),
+                         tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
+                         tma_descriptor(su8.t(), [block_k // GROUP_SIZE, block_n], False),
+                         tma_descriptor(zero_terms(scales, zeros, zoff, zmul, x.dtype), [block_n, block_k], True),
                          row_scale, token_scale if token_scale is not None else row_scale,
                          bias if bias is not None else row_scale, y, m, n, kq, y.stride(0),
                          BF16_ONE if x.dtype == torch.bfloat16 else F16_ONE, COL_MULT=col_mult, BN=block_n,

@@ -45,6 +45,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from .gluon_gemm import cta_barrier
 from .triton_common import e4m3_scaled
 from .triton_pairs import high_halves, low_halves, pair_fma, splat
 
@@ -433,7 +434,7 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
         base = ws_ptr + tile * (SPLIT_K * NV * RO)
         for i in gl.static_range(NV):
             gl.store(base + (pid_k * NV + i) * RO + tid_o, vals[i])
-        gl.thread_barrier()
+        cta_barrier()
         arrived = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             total = (gl.zeros_like(vals[0]), ) * NV

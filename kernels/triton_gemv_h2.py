@@ -37,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .triton_common import e4m3_scaled, finish
-from .triton_pairs import hadd2_asm, hadd2_plain, halves, join, minus_centre, pair_add, pair_fma
+from .triton_pairs import hadd2_asm, hadd2_plain, half2_sum, join, minus_centre, pair_add, pair_fma
 from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
 
 H2_BITS = (2, 4, 8)  # single-plane widths
@@ -50,17 +50,6 @@ def check_h2(bits: int, x_dtype: torch.dtype) -> None:
     """Raise unless the half2 GEMV serves this layer and input (single-plane codes, 16-bit activations)."""
     if bits not in H2_BITS or x_dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemv_h2 serves {H2_BITS}-bit weights on fp16/bf16 inputs, got {bits} bits, {x_dtype}")
-
-
-@triton.jit
-def _h2_sum(v, ASM: tl.constexpr):
-    """float32 ``low + high`` of half2 containers ``v``."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "{.reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h;"
-            " add.f32 $0, a, b;}", "=f,r", [v], dtype=tl.float32, is_pure=True, pack=1)
-    lo, hi = halves(v, False)
-    return lo + hi
 
 
 @triton.jit
@@ -117,7 +106,7 @@ def _group_dots(words, xr, one, P: tl.constexpr, ASM: tl.constexpr):
         acc = tl.reduce(acc, 2, hadd2_asm)
     else:
         acc = tl.reduce(acc, 2, hadd2_plain)
-    return _h2_sum(acc, ASM)
+    return half2_sum(acc, ASM)
 
 
 @triton.jit

@@ -95,6 +95,17 @@ def hadd2_plain(a, b):
 
 
 @triton.jit
+def half2_sum(v, ASM: tl.constexpr):
+    """float32 ``low + high`` of fp16 pair containers ``v``."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{.reg .b16 l, h; .reg .f32 a, b; mov.b32 {l, h}, $1; cvt.f32.f16 a, l; cvt.f32.f16 b, h;"
+            " add.f32 $0, a, b;}", "=f,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+    lo, hi = halves(v, False)
+    return lo + hi
+
+
+@triton.jit
 def low_halves(a, b, ASM: tl.constexpr):
     """The container of ``a``'s low half (low) and ``b``'s low half (high): one ``prmt.b32`` (byte permute)."""
     if ASM:
