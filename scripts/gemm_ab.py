@@ -27,7 +27,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_for, graph_time_us,  # noqa: E402
-                           make_layers, parse_shapes, time_kernel)
+                           make_layers, parse_shapes, stream_configs, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.gluon_gemv import MAX_TOKENS, token_rows  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
@@ -48,10 +48,12 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
 
 
 def grid(m: int, n: int, kq: int) -> list[Config]:
-    """Tile configurations to time: few tokens, split-K tiles of both orientations (``gemm`` also with 64-row
-    tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256 tokens wide, without and
-    with split-K), the warp-specialized tiles and the dense path."""
+    """Tile configurations to time: one token, the TMA-ring GEMV; few tokens, split-K tiles of both orientations
+    (``gemm`` also with 64-row tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256
+    tokens wide, without and with split-K), the warp-specialized tiles and the dense path."""
     out = []
+    if m == 1:  # the TMA-ring GEMV: whole columns per program, steps in flight
+        out += stream_configs()
     if m <= MAX_TOKENS:  # the tensor-core decode kernel: 32 or 64 channels per program, 1..8 rows of warps along
         for channels in (32, 64):  # K, split-K for 8..32 warps per SM
             for rows in (1, 2, 4, 8):
@@ -137,7 +139,7 @@ def main() -> None:
     for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
         rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "gemv_mma", "gemm_t", "gemm", "gemm_ws", "dense")}
+                for lab in ("current", "gemv_tma", "gemv_mma", "gemm_t", "gemm", "gemm_ws", "dense")}
         print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
     print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")

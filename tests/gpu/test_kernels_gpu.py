@@ -55,6 +55,20 @@ def check_wa16(layer, m: int, dtype: torch.dtype, g: torch.Generator, config: Co
     assert err <= 1e-2, f"M={m} {dtype}: rel err {err:.2e}"
 
 
+def check_token_scale_bias(layer, m: int, dtype: torch.dtype, config: Config, tag: str) -> None:
+    """One call of ``config`` with a token scale per row and a bias, against the float64 reference."""
+    k, n = layer.in_features, layer.out_features
+    x = torch.randn(m, k, device="cuda", generator=gen(f"{tag}-ts", k)).to(dtype)
+    ts = torch.rand(m, device="cuda", generator=gen(f"{tag}-ts")) + 0.5
+    bias = torch.randn(n, device="cuda", generator=gen(f"{tag}-b")).to(dtype)
+    out = poisoned(m, n, dtype)
+    launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, bias, layer.bits,
+                  layer.master_bits, k, dtype, config, out)
+    w = dequantize(layer.to_quantized_weight(), layer.bits, dtype=torch.float64)
+    err = rel_err(out, (x.double() @ w.T) * ts.double()[:, None] + bias.double())
+    assert not out.isnan().any() and err <= 1e-2, f"token scale and bias: rel err {err:.2e}"
+
+
 @pytest.mark.parametrize("k, n", SHAPES)
 @pytest.mark.parametrize("bits, dtype, ms", [(2, torch.bfloat16, MS), (4, torch.float16, [1, 2, 3, 16, 64, 128, 1024]),
                                              (3, torch.bfloat16, [1, 16, 1024]), (8, torch.bfloat16, [1, 16, 1024])])
@@ -114,15 +128,43 @@ def test_gemv_mma(bits, dtype, channels, warps, split):
         layer = make_layer(k, n, bits, gen("mma", k, n, bits))
         for m in (1, 2, 3, 5, 8, 9, 12, 16, 17):
             check_wa16(layer, m, dtype, gen("mma", k, n, bits, m, warps, split), cfg)
-        x = torch.randn(3, k, device="cuda", generator=gen("mma-ts", k)).to(dtype)
-        ts = torch.rand(3, device="cuda", generator=gen("mma-ts")) + 0.5
-        bias = torch.randn(n, device="cuda", generator=gen("mma-b")).to(dtype)
-        out = poisoned(3, n, dtype)
-        launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, ts, bias, bits, 8, k, dtype,
-                      cfg, out)
-        w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
-        err = rel_err(out, (x.double() @ w.T) * ts.double()[:, None] + bias.double())
-        assert not out.isnan().any() and err <= 1e-2, f"token scale and bias: rel err {err:.2e}"
+        check_token_scale_bias(layer, 3, dtype, cfg, "mma")
+
+
+@hopper
+@pytest.mark.parametrize("bits, dtype, block_n, block_k, warps, stages", [
+    (2, torch.bfloat16, 64, 512, 4, 4), (2, torch.float16, 32, 512, 4, 3), (2, torch.bfloat16, 128, 256, 4, 6),
+    (2, torch.float16, 64, 1024, 8, 1), (2, torch.bfloat16, 16, 1024, 4, 5), (4, torch.bfloat16, 64, 512, 8, 4),
+    (4, torch.float16, 32, 1024, 4, 2), (4, torch.bfloat16, 128, 256, 4, 3), (4, torch.float16, 16, 1024, 4, 3),
+    (4, torch.bfloat16, 32, 1024, 8, 8)])
+def test_gemv_tma(bits, dtype, block_n, block_k, warps, stages):
+    """The one-token kernel fed by a TMA ring: partial column tiles (N = 4000), a last step past Kq (K = 11008), one to
+    six slots, token scale and bias; two tokens fall back to the other kernels."""
+    cfg = Config("gemv_tma", 1, block_n, block_k, num_warps=warps, num_stages=stages)
+    for k, n in ((4096, 4000), (11008, 1024)):
+        layer = make_layer(k, n, bits, gen("tma", k, n, bits))
+        for m in (1, 2):
+            check_wa16(layer, m, dtype, gen("tma", k, n, bits, m, block_n, stages), cfg)
+        check_token_scale_bias(layer, 1, dtype, cfg, "tma")
+
+
+@hopper
+@pytest.mark.parametrize("bits, block_n, block_k, warps", [(2, 64, 512, 4), (2, 64, 512, 8), (4, 32, 1024, 4)])
+def test_gemv_tma_many_programs_repeated(bits, block_n, block_k, warps):
+    """448 programs on 8192 x 28672 (several per SM), 20 calls with fresh inputs: a slot handed back too early or
+    programs that disturb each other show up as a wrong call (as they did at 80 registers, docs/KERNELS.md)."""
+    k, n = 8192, 28672
+    layer = make_layer(k, n, bits, gen("tma-many", bits))
+    w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
+    cfg = Config("gemv_tma", 1, block_n, block_k, num_warps=warps, num_stages=3)
+    g = gen("tma-many-x", bits, block_n, warps)
+    for call in range(20):
+        x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
+        out = poisoned(1, n, torch.bfloat16)
+        launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None, bits,
+                      layer.master_bits, k, torch.bfloat16, cfg, out)
+        err = rel_err(out, x.double() @ w.T)
+        assert not out.isnan().any() and err <= 1e-2, f"call {call}: rel err {err:.2e}"
 
 
 @hopper

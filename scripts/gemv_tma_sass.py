@@ -1,0 +1,80 @@
+"""Offline sm_90 compile of ``kernels.gluon_stream.gemv_tma_kernel`` (no GPU needed): registers, spills, shared
+memory, the barriers and the instruction mix of the consumers' main loop (one step per iteration).
+
+The arguments are the ones :func:`kernels.gluon_stream.launch_gemv_tma` passes (recorded on CPU tensors, so the
+compiled variant is specialized as on the GPU). The main loop is the largest backward-branch loop that holds no
+``SETMAXREG`` or ``EXIT`` (the worker warps' dispatch loop of ``gl.warp_specialize`` does).
+
+Usage (with Triton 3.6, the H200 image's version, installed aside:
+``pip install --no-deps --target /tmp/t36 triton==3.6.0``):
+``PYTHONPATH=/tmp/t36 python scripts/gemv_tma_sass.py [--p 4] [--tile 32,512,4] [--stages 4] [--k 8192] [--dump F]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import torch
+from triton.experimental.gluon._runtime import GluonASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernels import gluon_stream  # noqa: E402
+from kernels.grid import quantize_weight  # noqa: E402
+from kernels.ops import pack_linear  # noqa: E402
+from sass_count import _Recorder, compile_sm90, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
+
+N = 4096
+LINE = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(.*)")
+
+
+def consumer_loop(sass: str) -> list[str]:
+    """The instructions of the largest backward-branch loop without ``SETMAXREG`` or ``EXIT``."""
+    lines = [(int(m.group(1), 16), m.group(2)) for m in map(LINE.match, sass.splitlines()) if m]
+    best: list[str] = []
+    for addr, text in lines:
+        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
+        if m and int(m.group(1), 16) < addr:
+            body = [t for a, t in lines if int(m.group(1), 16) <= a <= addr]
+            if not any("SETMAXREG" in t or "EXIT" in t for t in body):
+                best = max(best, body, key=len)
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python scripts/gemv_tma_sass.py", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--p", type=int, default=2, choices=gluon_stream.STREAM_BITS, help="code width (default 2)")
+    ap.add_argument("--tile", default="32,512,4", help="block_n,block_k,warps (default %(default)s)")
+    ap.add_argument("--stages", type=int, default=4, help="steps in flight (default 4)")
+    ap.add_argument("--k", type=int, default=8192, help="input features (default 8192)")
+    ap.add_argument("--dump", type=Path, help="write the SASS listing here")
+    a = ap.parse_args()
+    bn, bk, warps = map(int, a.tile.split(","))
+    layer = pack_linear(quantize_weight(torch.randn(N, a.k) * 0.02), a.p)
+    rec = _Recorder(gluon_stream.gemv_tma_kernel)
+    gluon_stream.gemv_tma_kernel = rec
+    try:
+        gluon_stream.launch_gemv_tma(torch.randn(1, a.k, dtype=torch.bfloat16), layer.packed, layer.scales,
+                                     layer.zeros, layer.row_scale, None, None, a.p, 1.0, 1.5, 1.0, bn, bk, a.stages,
+                                     warps, torch.empty(1, N, dtype=torch.bfloat16))
+    finally:
+        gluon_stream.gemv_tma_kernel = rec.fn
+    compiled = compile_sm90(rec.launch, GluonASTSource)
+    cubin = compiled.asm["cubin"]
+    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(cubin, "-res-usage")))
+    sass = cuobjdump_of(cubin, "-sass")
+    if a.dump:
+        a.dump.write_text(sass)
+    loop = consumer_loop(sass)
+    mix = Counter(t.split()[1] if t.startswith("@") else t.split()[0] for t in loop)
+    codes = bk * bn // (32 * warps)
+    print(f"consumer loop: {len(loop)} instructions per {codes} codes per thread ({len(loop) / codes:.2f} per code), "
+          f"{sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:", dict(mix.most_common(18)))
+
+
+if __name__ == "__main__":
+    main()
