@@ -394,8 +394,9 @@ def markdown(records: list[dict]) -> str:
     return "\n".join(out)
 
 
-def _loop_mix(sass: str) -> tuple[int, Counter]:
-    """Instruction mix of the largest backward-branch loop of a SASS listing."""
+def _loop_mix(sass: str, skip: tuple[str, ...] = ()) -> tuple[int, Counter]:
+    """Instruction mix of the largest backward-branch loop of a SASS listing, among the loops that hold none of the
+    instructions in ``skip`` (e.g. ``SETMAXREG``: a warp-specialized kernel's dispatch loop of its worker warps)."""
     lines = [l for l in sass.splitlines() if re.match(r"\s+/\*[0-9a-f]{4}\*/", l)]
     addr = [int(re.match(r"\s+/\*([0-9a-f]{4})\*/", l).group(1), 16) for l in lines]
     best: list[str] = []
@@ -403,7 +404,8 @@ def _loop_mix(sass: str) -> tuple[int, Counter]:
         m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", l)
         if m and int(m.group(1), 16) < a:
             body = [x for x, b in zip(lines, addr) if int(m.group(1), 16) <= b <= a]
-            best = max(best, body, key=len)
+            if not any(op in x for x in body for op in skip):
+                best = max(best, body, key=len)
     ops = Counter()
     for l in best:
         t = l.split()[1]

@@ -235,13 +235,16 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
     store_scaled(total, rows, cols, 1, N, y_ptr, 0, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
 
 
+def prep_chunks(kq: int, warps: int) -> int:
+    """The activation preparation's chunks of ``32 warps`` groups (one group per consumer thread) covering ``kq``."""
+    return triton.cdiv(kq // GROUP_SIZE, 32 * warps)
+
+
 def stream_smem_bytes(bits: int, kq: int, block_n: int, block_k: int, stages: int, warps: int) -> int:
     """Shared memory of a :func:`gemv_tma_kernel` launch: the ring's slots and the prepared activations."""
     groups_per_step = block_k // GROUP_SIZE
-    chunk = 32 * warps  # groups per preparation chunk
-    chunks = triton.cdiv(kq // GROUP_SIZE, chunk)
     return (stages * block_n * (block_k * bits // 8 + 2 * groups_per_step)
-            + chunks * chunk * (PAIR_BYTES + GROUP_BYTES) + 16 * stages)
+            + prep_chunks(kq, warps) * 32 * warps * (PAIR_BYTES + GROUP_BYTES) + 16 * stages)
 
 
 def stream_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, kq: int,
@@ -276,7 +279,7 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
         x, tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
         tma_descriptor(su8.t(), [groups, block_n], False), tma_descriptor(zeros.t(), [groups, block_n], False),
         row_scale, token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
-        n, kq, F16_ONE, P=bits, NCH=triton.cdiv(kq // GROUP_SIZE, 32 * warps), STAGES=stages, ZOFF=zoff, ZMUL=zmul,
+        n, kq, F16_ONE, P=bits, NCH=prep_chunks(kq, warps), STAGES=stages, ZOFF=zoff, ZMUL=zmul,
         COL_MULT=col_mult, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps,
         maxnreg=MAX_REGS)
     return y

@@ -71,7 +71,7 @@ class Config:
     block_n the channels per program (a multiple of 32), ``num_warps * 32 / block_n`` rows of warps along K, block_k
     128; calls it does not take (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
     ``"gemv_tma"`` (:mod:`kernels.gluon_stream`; one token, 2- and 4-bit weights, Hopper): whole output columns per
-    program fed by a TMA ring, block_n 32, 64 or 128 columns, block_k codes per step, ``num_warps`` consuming warps
+    program fed by a TMA ring, block_n 16, 32, 64 or 128 columns, block_k codes per step, ``num_warps`` consuming warps
     (one more issues the copies), ``num_stages`` steps in flight; calls it does not take
     (:func:`~kernels.gluon_stream.stream_gemv_supported`) run the rule's other kernels.
     """
@@ -234,6 +234,13 @@ def weight_args(bits: int, master_bits: int, kq: int) -> tuple[int, int, dict]:
     return consts.pop("R1"), consts.pop("R2"), consts
 
 
+def gluon_scale_args(bits: int, master_bits: int, kq: int) -> tuple[float, float, float]:
+    """``(col_mult, zoff, zmul)`` that the Gluon kernels take as arguments: the column scale's factor on top of
+    ``row_scale`` (``256 * 2^(master_bits - bits)``) and :func:`weight_args`' ``ZOFF``, ``ZMUL``."""
+    _, _, consts = weight_args(bits, master_bits, kq)
+    return 256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"]
+
+
 _counters: dict[torch.device, torch.Tensor] = {}
 
 
@@ -268,10 +275,9 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         chosen = True
     if cfg.kernel == "gemv_tma":
         if stream_gemv_supported(bits, x, packed, scales, kq, has_split):
-            _, _, consts = weight_args(bits, master_bits, kq)
             return launch_gemv_tma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                                   256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_n,
-                                   cfg.block_k, cfg.num_stages, cfg.num_warps, y)
+                                   *gluon_scale_args(bits, master_bits, kq), cfg.block_n, cfg.block_k, cfg.num_stages,
+                                   cfg.num_warps, y)
         cfg = default_config(bits, m, n, kq, mma=False)  # several tokens, fp32 inputs, 3/8-bit codes, split channels
         chosen = True
     if chosen and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
@@ -345,10 +351,9 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
     """``y = x_expanded @ W_b^T`` with the warp-specialized kernel (the expanded input is a transient copy)."""
     kq = scales.shape[1] * GROUP_SIZE
     xe = expand_input(x, split_index, GROUP_SIZE) if x.shape[1] != kq else x
-    _, _, consts = weight_args(bits, master_bits, kq)
     return launch_gemm_ws(xe, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                          256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_m, cfg.block_n,
-                          cfg.block_k, cfg.num_stages, y)
+                          *gluon_scale_args(bits, master_bits, kq), cfg.block_m, cfg.block_n, cfg.block_k,
+                          cfg.num_stages, y)
 
 
 def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
@@ -356,9 +361,8 @@ def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bit
     n = scales.shape[0]
     tiles = triton.cdiv(n, cfg.block_n)
     split_k, ws, cnt = _split_buffers(tiles, replace(cfg, block_m=token_rows(x.shape[0])), x.device)
-    _, _, consts = weight_args(bits, master_bits, scales.shape[1] * GROUP_SIZE)
     return launch_gemv_mma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                           256.0 * 2 ** (master_bits - bits), consts["ZOFF"], consts["ZMUL"], cfg.block_n,
+                           *gluon_scale_args(bits, master_bits, scales.shape[1] * GROUP_SIZE), cfg.block_n,
                            cfg.num_warps, split_k, ws, cnt, y)
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections import Counter
 from pathlib import Path
 
 import torch
@@ -24,25 +23,12 @@ from triton.experimental.gluon._runtime import GluonASTSource
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import gluon_stream  # noqa: E402
+from kernels.bench import _loop_mix  # noqa: E402
 from kernels.grid import quantize_weight  # noqa: E402
 from kernels.ops import pack_linear  # noqa: E402
 from sass_count import _Recorder, compile_sm90, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
 
 N = 4096
-LINE = re.compile(r"\s+/\*([0-9a-f]{4})\*/\s+(.*)")
-
-
-def consumer_loop(sass: str) -> list[str]:
-    """The instructions of the largest backward-branch loop without ``SETMAXREG`` or ``EXIT``."""
-    lines = [(int(m.group(1), 16), m.group(2)) for m in map(LINE.match, sass.splitlines()) if m]
-    best: list[str] = []
-    for addr, text in lines:
-        m = re.search(r"BRA (?:`\(\.L_x_\d+\) )?0x([0-9a-f]+)", text)
-        if m and int(m.group(1), 16) < addr:
-            body = [t for a, t in lines if int(m.group(1), 16) <= a <= addr]
-            if not any("SETMAXREG" in t or "EXIT" in t for t in body):
-                best = max(best, body, key=len)
-    return best
 
 
 def main() -> None:
@@ -69,10 +55,9 @@ def main() -> None:
     sass = cuobjdump_of(cubin, "-sass")
     if a.dump:
         a.dump.write_text(sass)
-    loop = consumer_loop(sass)
-    mix = Counter(t.split()[1] if t.startswith("@") else t.split()[0] for t in loop)
+    length, mix = _loop_mix(sass, skip=("SETMAXREG", "EXIT"))
     codes = bk * bn // (32 * warps)
-    print(f"consumer loop: {len(loop)} instructions per {codes} codes per thread ({len(loop) / codes:.2f} per code), "
+    print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code), "
           f"{sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:", dict(mix.most_common(18)))
 
 
