@@ -8,22 +8,26 @@ TMA (a loader warp issues a step's three copies; the mbarrier of its slot counts
 only wait for data that is late, not for every load's latency.
 
 Per program: ``BN`` output columns, steps of ``BK`` codes along K (``BK / 32`` groups, ``[BK P / 32, BN]``
-K-major words per step). The arithmetic is the half2 GEMV's (same exactness argument, :mod:`kernels.triton_pairs`):
+K-major words per step). The arithmetic is on integers:
 
-* the consumer warps prepare the activations once per program before their loop (while the loader fills the
-  ring): per group of 32, the power of two ``2^e`` that puts ``max |x 2^e|`` in ``[2^(7-P), 2^(8-P))``, the 16
-  fp16 pairs ``x 2^(e - P j)`` in the order of a word's code pairs, ``sum x 2^e`` and ``2^-e``, stored in shared
-  memory for every step;
-* a word's code pair ``t`` (codes ``t`` and ``t + 16 / P``, 16 bits apart) is one LOP3 to the half2 ``1024 + 2^(P j)
-  q`` and one ``add.f16x2`` to ``2^(P j) (q - C)``, exact; one ``fma.rn.f16x2`` per pair accumulates
-  ``(q - C) x 2^e`` over a word row (at most 2048 in magnitude: exact enough in fp16), the rows of a group are added
-  and converted to fp32, and the group's zero point and scale are applied in fp32:
-  ``c 2^-e (d - (zero_b - C) sum x 2^e)``.
+* the consumer warps prepare the activations in shared memory: per group of 32 the power of two ``2^e`` that puts
+  ``max |x 2^e|`` in ``[2^14, 2^15)``, the 16-bit integers ``rint(x 2^e)`` two per uint32 in the order of a word's
+  code bytes, ``sum x 2^e`` and ``2^-e``. Rows up to K = 8192 are prepared at once while the loader fills the ring;
+  longer ones in chunks of 8192, each just before its steps (the next chunk's loads in flight meanwhile);
+* a word shifted by ``P j`` and masked to one code per byte gives four codes as bytes; ``dp2a`` (``IDP.2A`` in SASS)
+  adds the two low ones times a pair of 16-bit activations and another ``dp2a`` the two high ones, exact in int32
+  (``|sum| < 32 (2^P - 1) 2^15 < 2^24``); per group and column the sum goes to fp32 and the zero point and scale
+  apply there: ``c 2^-e (d - zero_b sum x 2^e)``. Per code pair: two ``IDP.2A``, a LOP3 and at most a shift
+  (1.4-1.5 instructions per code with the per-group work, against 2.1-2.3 for the half2 arithmetic it replaced).
+  The only rounding before fp32 is the activations' to 16 bits relative to their group's largest (an integer for
+  every bf16 within 2^7 of it), finer than the half2 GEMV's fp16 accumulation.
 
 Thread mapping: a thread owns 4 consecutive columns (one 16-byte shared load per word row) and ``BK / 32 /
 rows`` groups of a step, where ``rows = 32 num_warps / (BN / 4)`` threads share a column; their sums are added once
 after the loop. A slot is refilled (the copies for step ``i + STAGES``) as soon as every consumer has read step
-``i`` into registers (a barrier of the consumer warps, then one arrive on the slot's ``empty`` mbarrier).
+``i`` into registers: a ``fence.proxy.async`` (the TMA copy is the async proxy writing what these warps' shared loads
+read: without it the H200 returned wrong sums when the ring wrapped with several programs per SM), a barrier of the
+consumer warps, then one arrive on the slot's ``empty`` mbarrier.
 
 Scope: 2- and 4-bit K-major codes (``kernels.ops.k_major``), one token of bf16/fp16 activations (or the fp16
 ``xq`` of quantized activations with its token scale), no split channels, ``N % 16 == 0`` (TMA rows of 16 bytes),
@@ -42,16 +46,15 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load
 from .grid import GROUP_SIZE
 from .triton_common import e4m3_scaled, store_scaled
-from .triton_pairs import F16_ONE, hadd2_asm, half2_sum, join, minus_centre, pair_add, pair_fma
 
 STREAM_BITS = (2, 4)
 GROUP = gl.constexpr(GROUP_SIZE)
-PAIR_BYTES = 64  # per group: 16 fp16 activation pairs
+PAIR_BYTES = 64  # per group: 16 pairs of 16-bit integer activations
 GROUP_BYTES = 8  # per group: sum x 2^e and 2^-e (fp32)
 LOADER_REGS = gl.constexpr(48)  # per thread of the loader warp
 # per thread (the launch's maxnreg, counted for every warp of a program: its consumers, the loader and the idle warps
-# that pad it to whole warp groups): no spills offline for W2/W4 up to K = 28672. Fewer for 8 consumers (80, so that
-# two such programs share an SM) gave wrong sums on the H200 (docs/KERNELS.md)
+# that pad it to whole warp groups): no spills offline for W2/W4 up to K = 28672. (80, for two programs of 8 consumers
+# per SM, gave wrong sums in session 17: the ring's missing proxy fence, found since, docs/KERNELS.md; not re-measured)
 MAX_REGS = 96
 
 
@@ -75,36 +78,57 @@ def _along(n: gl.constexpr, dim: gl.constexpr, rank: gl.constexpr, layout: gl.co
 
 
 @gluon.jit
-def _prepare_x(x_ptr, Kq, xp_smem, xs_smem, xd_smem, P: gl.constexpr, GS: gl.constexpr, NCH: gl.constexpr):
-    """The activation pairs ``[chunks, steps * 16 / P, GS, P]`` (chunk, step and pair slot, group, word row),
-    ``sum x 2^e`` and ``2^-e`` (``[chunks, steps, GS]``) of every step into shared memory: one group per thread and
-    chunk of ``32 num_warps`` groups, every chunk's loads issued before any is used (groups past ``Kq`` read zeros)."""
+def _round_int(v):
+    """float32 -> int32, rounded to nearest (``cvt.rni``)."""
+    return gl.inline_asm_elementwise("cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.constexpr_function
+def _prep_layout(P, GS, W):
+    """Registers of a chunk of activations ``[steps, GS, P, 2, 16 / P]`` (step of the chunk, group, word row, half
+    of a pair, pair slot): one group per thread and ``32 W`` groups."""
+    return gl.BlockedLayout([1, 1, P, 2, 16 // P], [32 // GS, GS, 1, 1, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
+
+
+@gluon.jit
+def _load_x(x_ptr, Kq, chunk, NSUB: gl.constexpr, P: gl.constexpr, GS: gl.constexpr):
+    """The activations of chunk ``chunk`` (``NSUB`` steps of ``GS`` groups) in :func:`_prep_layout`, zeros past
+    ``Kq``.
+
+    Word row r, pair slot s = part PB + j (PB codes per byte), half h hold the code r 32 / P + part 2 PB + h PB + j,
+    so that a byte mask of the word shifted by P j holds the codes of slot j's halves (bytes 0, 1) and of slot
+    PB + j's (bytes 2, 3)."""
     HALF: gl.constexpr = 16 // P
-    PER_BYTE: gl.constexpr = 8 // P
-    PJ: gl.constexpr = 8 - P  # P j of a byte's highest slot
-    W: gl.constexpr = gl.num_warps()
-    NSUB: gl.constexpr = 32 * W // GS  # steps per chunk
-    LP: gl.constexpr = gl.BlockedLayout([1, 1, P, 2, HALF], [32 // GS, GS, 1, 1, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    group = _along(NSUB, 0, 5, LP) * GS + _along(GS, 1, 5, LP)
+    PB: gl.constexpr = 8 // P
+    LP: gl.constexpr = _prep_layout(P, GS, gl.num_warps())
+    g = chunk * NSUB * GS + _along(NSUB, 0, 5, LP) * GS + _along(GS, 1, 5, LP)
     slot = _along(HALF, 4, 5, LP)
-    # word row r holds the pairs (r 2 HALF + t, r 2 HALF + t + HALF): the two halves of a pair are axis 3
-    within = _along(P, 2, 5, LP) * (2 * HALF) + _along(2, 3, 5, LP) * HALF + slot
-    loaded = ()
-    for c in gl.static_range(NCH):
-        g = c * NSUB * GS + group
-        loaded = loaded + (gl.load(x_ptr + g * GROUP + within, mask=g * GROUP < Kq, other=0.0), )
-    for c in gl.static_range(NCH):
-        x = loaded[c].to(gl.float32)
-        amax = gl.max(gl.max(gl.max(gl.abs(x), axis=4), axis=3), axis=2)
-        xsum = gl.sum(gl.sum(gl.sum(x, axis=4), axis=3), axis=2)
-        expo = gl.maximum(gl.minimum(amax.to(gl.int32, bitcast=True) >> 23, 252), PJ)
-        e5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(expo, 2), 3), 4)
-        scale = (((253 + PJ) - e5 - P * (slot % PER_BYTE)) << 23).to(gl.float32, bitcast=True)
-        lo, hi = gl.split(gl.permute(x * scale, [0, 1, 2, 4, 3]))
-        pairs = gl.permute(join(lo, hi, False), [0, 3, 1, 2])  # [step, pair slot, group, word row]
-        xp_smem.index(c).store(gl.reshape(pairs, [NSUB * HALF, GS, P]))
-        xs_smem.index(c).store(xsum * ((253 + PJ - expo) << 23).to(gl.float32, bitcast=True))
-        xd_smem.index(c).store(((expo + 1 - PJ) << 23).to(gl.float32, bitcast=True))
+    within = _along(P, 2, 5, LP) * (2 * HALF) + (slot // PB) * (2 * PB) + _along(2, 3, 5, LP) * PB + slot % PB
+    return gl.load(x_ptr + g * GROUP + within, mask=g * GROUP < Kq, other=0.0)
+
+
+@gluon.jit
+def _prepare_x(x, xp_buf, xs_buf, xd_buf, P: gl.constexpr):
+    """One chunk of activations ``x`` (:func:`_load_x`) into shared memory: per group the power of two ``2^e`` that
+    puts ``max |x 2^e|`` in ``[2^14, 2^15)``, the 16-bit integers ``rint(x 2^e)`` two per uint32 (``xp_buf [steps *
+    16 / P, GS, P]``: step and pair slot, group, word row), ``sum x 2^e`` and ``2^-e`` (``xs_buf``, ``xd_buf``:
+    ``[steps, GS]``)."""
+    NSUB: gl.constexpr = x.shape[0]
+    GS: gl.constexpr = x.shape[1]
+    HALF: gl.constexpr = 16 // P
+    x = x.to(gl.float32)
+    amax = gl.max(gl.max(gl.max(gl.abs(x), axis=4), axis=3), axis=2)
+    # the biased exponent E of the group's largest |x|: x 2^(141 - E) lies in (-2^15, 2^15), an integer for every x
+    # within 2^7 of it (bf16 holds 8 significant bits, fp16 11); E >= 15 keeps 2^(E - 141) a normal float
+    expo = gl.minimum(gl.maximum(amax.to(gl.int32, bitcast=True) >> 23, 15), 254)
+    e5 = gl.expand_dims(gl.expand_dims(gl.expand_dims(expo, 2), 3), 4)
+    xi = _round_int(x * ((268 - e5) << 23).to(gl.float32, bitcast=True))
+    lo, hi = gl.split(gl.permute(xi, [0, 1, 2, 4, 3]))
+    pairs = (lo & 0xFFFF) | (hi << 16)
+    pairs = gl.permute(pairs.to(gl.uint32, bitcast=True), [0, 3, 1, 2])  # [step, pair slot, group, word row]
+    xp_buf.store(gl.reshape(pairs, [NSUB * HALF, GS, P]))
+    xs_buf.store(gl.sum(gl.sum(gl.sum(xi, axis=4), axis=3), axis=2).to(gl.float32))
+    xd_buf.store(((expo - 14) << 23).to(gl.float32, bitcast=True))
 
 
 @gluon.jit
@@ -118,59 +142,94 @@ def _issue(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, step
 
 
 @gluon.jit
-def _step_terms(words, sb, zb, xp_smem, xp_first, xs, xd, one, ZOFF: gl.constexpr, ZMUL: gl.constexpr, P: gl.constexpr):
-    """``[GS, BN]`` fp32: per group and column of one step, ``c 2^-e (sum_k (q_k - C) x_k 2^e - (zero_b - C) sum_k x_k
-    2^e)`` (the words ``[GS, P, BN]``, scale and zero bytes ``[GS, BN]``, the step's activation pairs: entries
+def _dot2(x2, codes, acc, HIGH: gl.constexpr):
+    """``acc + x.lo * codes.byte(k) + x.hi * codes.byte(k + 1)`` per element, ``k`` = 2 with ``HIGH`` else 0: the
+    signed 16-bit pair ``x2`` times two unsigned code bytes, exact in int32 (``dp2a``)."""
+    if HIGH:
+        return gl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x2, codes, acc],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+    return gl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x2, codes, acc],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _step_terms(words, sb, zb, xp_smem, xp_first, xs, xd, ZOFF: gl.constexpr, ZMUL: gl.constexpr, P: gl.constexpr):
+    """``[GS, BN]`` fp32: per group and column of one step, ``c 2^-e (sum_k q_k x_k 2^e - zero_b sum_k x_k 2^e)``
+    (the words ``[GS, P, BN]``, scale and zero bytes ``[GS, BN]``, the step's 16-bit activation pairs: entries
     ``xp_first ..`` of ``xp_smem``, one per pair slot; ``sum x 2^e`` and ``2^-e`` per group)."""
-    HALF: gl.constexpr = 16 // P
-    PER_BYTE: gl.constexpr = 8 // P
+    PB: gl.constexpr = 8 // P
     LW: gl.constexpr = words.type.layout
     w = words.to(gl.uint32, bitcast=True)
-    acc = gl.zeros(words.shape, gl.uint32, LW)  # half2 (0, 0) per word row and column
-    for t in gl.static_range(HALF):
-        pj = P * (t % PER_BYTE)  # the code's mantissa bit
-        v = ((w >> (8 * (t // PER_BYTE))) & (((1 << P) - 1) << pj) * 0x10001) | one  # half2 1024 + 2^pj q, exact
-        q = pair_add(v, gl.full(words.shape, minus_centre(pj, P, False), gl.uint32, LW), False, True)
-        xt = gl.expand_dims(xp_smem.index(xp_first + t).load(gl.SliceLayout(2, LW)), 2)
-        acc = pair_fma(q, xt, acc, False, True)
-    d = half2_sum(gl.reduce(acc, 1, hadd2_asm), True)
-    zoff: gl.constexpr = ZOFF + (1 << (P - 1)) / ZMUL  # (zero_b - C) = (zero - zoff) * ZMUL
-    zc = zb.to(gl.float32) * ZMUL - zoff * ZMUL
+    acc = gl.zeros(words.shape, gl.int32, LW)
+    for j in gl.static_range(PB):
+        codes = (w >> (P * j)) & (((1 << P) - 1) * 0x01010101)  # the codes j, PB + j, 2 PB + j, 3 PB + j: one a byte
+        x_low = gl.expand_dims(xp_smem.index(xp_first + j).load(gl.SliceLayout(2, LW)), 2)
+        x_high = gl.expand_dims(xp_smem.index(xp_first + PB + j).load(gl.SliceLayout(2, LW)), 2)
+        acc = _dot2(x_high, codes, _dot2(x_low, codes, acc, False), True)
+    d = gl.sum(acc, axis=1).to(gl.float32)  # |d| <= 32 (2^P - 1) 2^15 < 2^24: exact
+    zc = zb.to(gl.float32) * ZMUL - ZOFF * ZMUL  # zero_b
     return (e4m3_scaled(sb) * gl.expand_dims(xd, 1)) * (d - zc * gl.expand_dims(xs, 1))
 
 
 @gluon.jit
-def _consume(x_ptr, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, n_steps, one,
-             P: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr, LW: gl.constexpr):
-    """The default partition: prepare the activations (while the loader fills the ring), then per step wait for its
-    slot, read it into registers, hand the slot back (after a barrier of these warps) and add the step's terms;
-    returns ``[GS, BN]`` fp32 sums."""
+def _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, first, last, acc,
+           P: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr, LW: gl.constexpr):
+    """Steps ``first .. last - 1`` (of the chunk of activations prepared from step ``first`` on): per step wait for
+    its slot, read it into registers, hand the slot back (after a proxy fence and a barrier of these warps) and add
+    the step's terms to ``acc``."""
     STAGES: gl.constexpr = code_bufs.type.shape[0]
     GS: gl.constexpr = scale_bufs.type.shape[1]
     BN: gl.constexpr = scale_bufs.type.shape[2]
     HALF: gl.constexpr = 16 // P
-    NCH: gl.constexpr = xp_smem.type.shape[0]
+    NSUB: gl.constexpr = xs_smem.type.shape[0]
     LG: gl.constexpr = gl.SliceLayout(1, LW)
-    _prepare_x(x_ptr, Kq, xp_smem, xs_smem, xd_smem, P, GS, NCH)
-    cta_barrier()
-    # the per-chunk buffers of the preparation, read per step and pair slot
-    step_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0])
-    NSTEPS: gl.constexpr = NCH * xs_smem.type.shape[1]
-    xp_steps = xp_smem._reinterpret(gl.uint32, [NSTEPS * HALF, GS, P], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    xs_steps = xs_smem._reinterpret(gl.float32, [NSTEPS, GS], step_layout)
-    xd_steps = xd_smem._reinterpret(gl.float32, [NSTEPS, GS], step_layout)
+    # the chunk's buffers, read per step and pair slot
+    xp_steps = xp_smem._reinterpret(gl.uint32, [NSUB * HALF, GS, P], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    xs_steps = xs_smem._reinterpret(gl.float32, [NSUB, GS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
+    xd_steps = xd_smem._reinterpret(gl.float32, [NSUB, GS], gl.SwizzledSharedLayout(1, 1, 1, [0]))
     words_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    acc = gl.zeros([GS, BN], gl.float32, LG)
-    for i in range(n_steps):
+    for i in range(first, last):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         words = code_bufs.index(s)._reinterpret(code_bufs.dtype, [GS, P, BN], words_layout).load(LW)
         sb = scale_bufs.index(s).load(LG)
         zb = zero_bufs.index(s).load(LG)
+        # the slot's next bytes come by TMA (the async proxy): without this fence the copy can land before these
+        # warps' shared loads have read the slot (wrong sums on the H200, docs/KERNELS.md)
+        fence_async_shared()
         cta_barrier()  # every warp holds step i: the slot may take step i + STAGES
         mbarrier.arrive(empty.index(s))
-        acc += _step_terms(words, sb, zb, xp_steps, i * HALF, xs_steps.index(i).load(gl.SliceLayout(1, LG)),
-                           xd_steps.index(i).load(gl.SliceLayout(1, LG)), one, ZOFF, ZMUL, P)
+        j = i - first
+        acc += _step_terms(words, sb, zb, xp_steps, j * HALF, xs_steps.index(j).load(gl.SliceLayout(1, LG)),
+                           xd_steps.index(j).load(gl.SliceLayout(1, LG)), ZOFF, ZMUL, P)
+    return acc
+
+
+@gluon.jit
+def _consume(x_ptr, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, n_steps,
+             P: gl.constexpr, ONE_CHUNK: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr, LW: gl.constexpr):
+    """The default partition: per chunk of activations (``xs_smem``'s steps), prepare the chunk, then its
+    :func:`_steps`; returns ``[GS, BN]`` fp32 sums. With ``ONE_CHUNK`` (K up to 8192) the whole row is prepared
+    while the loader fills the ring; longer rows in chunks, the next chunk's loads issued before a chunk's steps."""
+    GS: gl.constexpr = scale_bufs.type.shape[1]
+    BN: gl.constexpr = scale_bufs.type.shape[2]
+    NSUB: gl.constexpr = xs_smem.type.shape[0]
+    acc = gl.zeros([GS, BN], gl.float32, gl.SliceLayout(1, LW))
+    if ONE_CHUNK:
+        _prepare_x(_load_x(x_ptr, Kq, 0, NSUB, P, GS), xp_smem, xs_smem, xd_smem, P)
+        cta_barrier()
+        acc = _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, 0, n_steps, acc,
+                     P, ZOFF, ZMUL, LW)
+    else:
+        x_next = _load_x(x_ptr, Kq, 0, NSUB, P, GS)
+        for c in range(gl.cdiv(n_steps, NSUB)):
+            x = x_next
+            x_next = _load_x(x_ptr, Kq, c + 1, NSUB, P, GS)  # all masked off past the last chunk
+            cta_barrier()  # every warp has left the previous chunk's steps, which read the buffers
+            _prepare_x(x, xp_smem, xs_smem, xd_smem, P)
+            cta_barrier()
+            acc = _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, c * NSUB,
+                         gl.minimum(c * NSUB + NSUB, n_steps), acc, P, ZOFF, ZMUL, LW)
     return (acc, )
 
 
@@ -186,13 +245,13 @@ def _load(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty
 
 
 @gluon.jit
-def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_ptr, N, Kq, one, P: gl.constexpr,
-                    NCH: gl.constexpr, STAGES: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr,
-                    COL_MULT: gl.constexpr, HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
+def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_ptr, N, Kq, P: gl.constexpr,
+                    CHUNK: gl.constexpr, ONE_CHUNK: gl.constexpr, STAGES: gl.constexpr, ZOFF: gl.constexpr,
+                    ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
     """``y [1, N] = x [1, Kq] @ W_b^T``, one program per ``BN`` columns (grid ``cdiv(N, BN)``); see the module
     docstring. ``w_desc``, ``s_desc``, ``z_desc``: TMA descriptors of the K-major words ``[Kq P / 32, N]`` and scale
-    and zero bytes ``[G, N]`` in step boxes; ``NCH`` chunks of ``32 num_warps`` groups cover the activations. The
-    launch's warps prepare the activations and consume; one more warp issues the copies."""
+    and zero bytes ``[G, N]`` in step boxes. The launch's warps prepare the activations (in chunks of ``CHUNK``
+    groups; ``ONE_CHUNK``: one covers ``Kq``) and consume; one more warp issues the copies."""
     RW: gl.constexpr = w_desc.block_type.shape[0]
     BN: gl.constexpr = w_desc.block_type.shape[1]
     GS: gl.constexpr = RW // P  # groups per step
@@ -210,21 +269,21 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
     zero_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, GS, BN], z_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    NSUB: gl.constexpr = 32 * W // GS
-    # per chunk of 32 W groups (the preparation's stores), read per step and pair slot (the steps')
+    NSUB: gl.constexpr = CHUNK // GS
+    # a chunk of prepared activations (the preparation's stores; the steps read them per step and pair slot)
     pairs_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    xp_smem = gl.allocate_shared_memory(gl.uint32, [NCH, NSUB * HALF, GS, P], pairs_layout)
+    xp_smem = gl.allocate_shared_memory(gl.uint32, [NSUB * HALF, GS, P], pairs_layout)
     sums_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    xs_smem = gl.allocate_shared_memory(gl.float32, [NCH, NSUB, GS], sums_layout)
-    xd_smem = gl.allocate_shared_memory(gl.float32, [NCH, NSUB, GS], sums_layout)
+    xs_smem = gl.allocate_shared_memory(gl.float32, [NSUB, GS], sums_layout)
+    xd_smem = gl.allocate_shared_memory(gl.float32, [NSUB, GS], sums_layout)
     for b in gl.static_range(STAGES):
         mbarrier.init(ready.index(b), count=1)
         mbarrier.init(empty.index(b), count=1)
     fence_async_shared()
 
     acc, = gl.warp_specialize([
-        (_consume, (x_ptr, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, n_steps, one,
-                    P, ZOFF, ZMUL, LW)),
+        (_consume, (x_ptr, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, n_steps,
+                    P, ONE_CHUNK, ZOFF, ZMUL, LW)),
         (_load, (w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps)),
     ], [1], [LOADER_REGS])
 
@@ -235,16 +294,21 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
     store_scaled(total, rows, cols, 1, N, y_ptr, 0, rs_ptr, ts_ptr, bias_ptr, COL_MULT, HAS_TS, HAS_BIAS)
 
 
-def prep_chunks(kq: int, warps: int) -> int:
-    """The activation preparation's chunks of ``32 warps`` groups (one group per consumer thread) covering ``kq``."""
-    return triton.cdiv(kq // GROUP_SIZE, 32 * warps)
+# Groups of activations prepared at once: all of K up to 8192 before the first step (hidden behind the first copies);
+# longer rows in chunks of this many, each prepared just before its steps (K = 28672: 6 % faster on the H200)
+CHUNK_GROUPS = 256
+
+
+def prep_chunk(kq: int, warps: int) -> int:
+    """Groups per chunk of the activation preparation: at least one per consumer thread, at most
+    :data:`CHUNK_GROUPS` (a power of two)."""
+    return max(32 * warps, min(CHUNK_GROUPS, triton.next_power_of_2(kq // GROUP_SIZE)))
 
 
 def stream_smem_bytes(bits: int, kq: int, block_n: int, block_k: int, stages: int, warps: int) -> int:
     """Shared memory of a :func:`gemv_tma_kernel` launch: the ring's slots and the prepared activations."""
-    groups_per_step = block_k // GROUP_SIZE
-    return (stages * block_n * (block_k * bits // 8 + 2 * groups_per_step)
-            + prep_chunks(kq, warps) * 32 * warps * (PAIR_BYTES + GROUP_BYTES) + 16 * stages)
+    return (stages * block_n * (block_k * bits // 8 + 2 * (block_k // GROUP_SIZE))
+            + prep_chunk(kq, warps) * (PAIR_BYTES + GROUP_BYTES) + 16 * stages)
 
 
 def stream_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, kq: int,
@@ -275,11 +339,12 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                          f"column divide, at least one stage and at most {SMEM_BYTES} bytes of shared memory (fewer "
                          f"stages use less); got {block_n}, {block_k}, {stages} stages, {warps} warps ({smem} bytes)")
     su8 = scales.view(torch.uint8)
+    chunk = prep_chunk(kq, warps)
     gemv_tma_kernel[(triton.cdiv(n, block_n), )](
         x, tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
         tma_descriptor(su8.t(), [groups, block_n], False), tma_descriptor(zeros.t(), [groups, block_n], False),
         row_scale, token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
-        n, kq, F16_ONE, P=bits, NCH=prep_chunks(kq, warps), STAGES=stages, ZOFF=zoff, ZMUL=zmul,
+        n, kq, P=bits, CHUNK=chunk, ONE_CHUNK=chunk * GROUP_SIZE >= kq, STAGES=stages, ZOFF=zoff, ZMUL=zmul,
         COL_MULT=col_mult, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps,
         maxnreg=MAX_REGS)
     return y

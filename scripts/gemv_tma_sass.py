@@ -3,7 +3,8 @@ memory, the barriers and the instruction mix of the consumers' main loop (one st
 
 The arguments are the ones :func:`kernels.gluon_stream.launch_gemv_tma` passes (recorded on CPU tensors, so the
 compiled variant is specialized as on the GPU). The main loop is the largest backward-branch loop that holds no
-``SETMAXREG`` or ``EXIT`` (the worker warps' dispatch loop of ``gl.warp_specialize`` does).
+``SETMAXREG`` or ``EXIT`` (the worker warps' dispatch loop of ``gl.warp_specialize`` does) and no ``F2I`` (the loop
+over chunks of activations, whose preparation rounds them to integers, holds the step loop).
 
 Usage (with Triton 3.6, the H200 image's version, installed aside:
 ``pip install --no-deps --target /tmp/t36 triton==3.6.0``):
@@ -55,7 +56,7 @@ def main() -> None:
     sass = cuobjdump_of(cubin, "-sass")
     if a.dump:
         a.dump.write_text(sass)
-    length, mix = _loop_mix(sass, skip=("SETMAXREG", "EXIT"))
+    length, mix = _loop_mix(sass, skip=("SETMAXREG", "EXIT", "F2I"))
     codes = bk * bn // (32 * warps)
     print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code), "
           f"{sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:", dict(mix.most_common(18)))

@@ -149,10 +149,12 @@ def test_gemv_tma(bits, dtype, block_n, block_k, warps, stages):
 
 
 @hopper
-@pytest.mark.parametrize("bits, block_n, block_k, warps", [(2, 64, 512, 4), (2, 64, 512, 8), (4, 32, 1024, 4)])
+@pytest.mark.parametrize("bits, block_n, block_k, warps", [(2, 64, 512, 4), (2, 64, 512, 8), (4, 32, 1024, 4),
+                                                      (2, 16, 1024, 4), (4, 16, 1024, 4)])
 def test_gemv_tma_many_programs_repeated(bits, block_n, block_k, warps):
-    """448 programs on 8192 x 28672 (several per SM), 20 calls with fresh inputs: a slot handed back too early or
-    programs that disturb each other show up as a wrong call (as they did at 80 registers, docs/KERNELS.md)."""
+    """448 to 1792 programs on 8192 x 28672 (several per SM), 3 slots for 8 or 16 steps, 20 calls with fresh inputs: a
+    slot refilled before the consumers' shared loads have read it shows up as a wrong call (without the proxy fence
+    before the hand-back, 20 of 20 calls were wrong with 16 x 1024 tiles, docs/KERNELS.md)."""
     k, n = 8192, 28672
     layer = make_layer(k, n, bits, gen("tma-many", bits))
     w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
