@@ -53,8 +53,8 @@ PAIR_BYTES = 64  # per group: 16 pairs of 16-bit integer activations
 GROUP_BYTES = 8  # per group: sum x 2^e and 2^-e (fp32)
 LOADER_REGS = gl.constexpr(48)  # per thread of the loader warp
 # per thread (the launch's maxnreg, counted for every warp of a program: its consumers, the loader and the idle warps
-# that pad it to whole warp groups): no spills offline for W2/W4 up to K = 28672. (80, for two programs of 8 consumers
-# per SM, gave wrong sums in session 17: the ring's missing proxy fence, found since, docs/KERNELS.md; not re-measured)
+# that pad it to whole warp groups): no spills offline for W2/W4 up to K = 28672. 80 (two programs of 8 consumers per
+# SM) measured no faster than the best 96-register tiles (docs/BENCHMARKS.md, session 18)
 MAX_REGS = 96
 
 
