@@ -145,11 +145,9 @@ def _issue(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, step
 def _dot2(x2, codes, acc, HIGH: gl.constexpr):
     """``acc + x.lo * codes.byte(k) + x.hi * codes.byte(k + 1)`` per element, ``k`` = 2 with ``HIGH`` else 0: the
     signed 16-bit pair ``x2`` times two unsigned code bytes, exact in int32 (``dp2a``)."""
-    if HIGH:
-        return gl.inline_asm_elementwise("dp2a.hi.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x2, codes, acc],
-                                         dtype=gl.int32, is_pure=True, pack=1)
-    return gl.inline_asm_elementwise("dp2a.lo.s32.u32 $0, $1, $2, $3;", "=r,r,r,r", [x2, codes, acc],
-                                     dtype=gl.int32, is_pure=True, pack=1)
+    op: gl.constexpr = "dp2a.hi.s32.u32" if HIGH else "dp2a.lo.s32.u32"
+    return gl.inline_asm_elementwise(op + " $0, $1, $2, $3;", "=r,r,r,r", [x2, codes, acc], dtype=gl.int32,
+                                     is_pure=True, pack=1)
 
 
 @gluon.jit
