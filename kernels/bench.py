@@ -44,6 +44,7 @@ import triton.language as tl
 
 from .gluon_gemm import WARPS as WS_WARPS
 from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
+from .gluon_stream import stream_tokens
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
 from .triton_actquant import actquant_kernel
@@ -70,7 +71,7 @@ WHOLE_COLUMN_TILES = [(32, 32, 4), (32, 32, 8), (16, 64, 4), (16, 32, 4), (64, 1
 # (BM, BN, stages) of the warp-specialized kernel (BK 64) that --tune tries from 129 tokens; each won some shape in
 # scripts/gemm_ab.py (docs/results/gemm-ws-ab-h200-s12.json), (128, 64, 6) none
 WS_TILES = [(128, 128, 4), (128, 128, 6), (256, 128, 4), (128, 256, 4), (256, 64, 5)]
-# (BN, BK, warps) and stages of the TMA-ring GEMV (Hopper) that --tune tries for 2/4-bit weights at one token
+# (BN, BK, warps) and stages of the TMA-ring GEMV (Hopper) that --tune tries for 2/4-bit weights at 1..4 tokens
 STREAM_TILES = [(16, 1024, 4), (32, 512, 4), (32, 1024, 4), (32, 1024, 8), (64, 256, 4), (64, 512, 4), (64, 512, 8)]
 STREAM_STAGES = [2, 3, 4]
 
@@ -235,10 +236,11 @@ def time_kernel(layers: list[PackedLinear], x: torch.Tensor, cfg: Config | None,
     return graph_time_us(kernel_calls(layers, x, cfg, act_bits, rescale), **timing)
 
 
-def stream_configs() -> list[Config]:
-    """The TMA-ring GEMV's configurations to try (:data:`STREAM_TILES` x :data:`STREAM_STAGES`); those that do not fit
+def stream_configs(m: int) -> list[Config]:
+    """The TMA-ring GEMV's configurations to try for ``m`` (1..4) tokens (:data:`STREAM_TILES` x
+    :data:`STREAM_STAGES`, on programs of :func:`~kernels.gluon_stream.stream_tokens` tokens); those that do not fit
     the shared memory for a shape are refused at launch."""
-    return [Config("gemv_tma", 1, bn, bk, num_warps=w, num_stages=st) for bn, bk, w in STREAM_TILES
+    return [Config("gemv_tma", stream_tokens(m), bn, bk, num_warps=w, num_stages=st) for bn, bk, w in STREAM_TILES
             for st in STREAM_STAGES]
 
 
@@ -247,7 +249,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
     (:data:`H2_TILES`) for 2/4-bit weights at M <= 4, the fp32 GEMV's at M <= 2, the tensor-core decode kernel's
     programs for 2/4-bit weights up to 16 tokens (the rule's rows of warps and split, each also halved and doubled),
     tensor-core tiles for the rest (split-K up to 512 tokens), the dense path from 65 tokens and the warp-specialized
-    kernel's tiles (:data:`WS_TILES`) from 129; at one token also the TMA-ring GEMV's (:func:`stream_configs`)."""
+    kernel's tiles (:data:`WS_TILES`) from 129; at 1..4 tokens also the TMA-ring GEMV's (:func:`stream_configs`)."""
     decode = []
     if m <= MMA_MAX_TOKENS and bits in (2, 4):
         rule = gemv_mma_config(bits, m, n, kq)
@@ -263,8 +265,7 @@ def candidates(bits: int, m: int, n: int, kq: int) -> list[Config]:
         if m <= 2:
             decode += [Config("gemv_h2", bm, bn, bg, split_k=s * gemv_split(n, kq, bn, bg), num_warps=w)
                        for bn, bg, w in WHOLE_COLUMN_TILES for s in (1, 2, 4)]
-        if m == 1:
-            decode += stream_configs()
+        decode += stream_configs(m)
     if m <= 2:
         bm, bn, bg, w = fp32_gemv_tile(bits, m)
         tiles = [(bn, bg, w), (bn // 2, bg, w // 2), (2 * bn, bg, 2 * w)]

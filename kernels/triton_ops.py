@@ -70,10 +70,11 @@ class Config:
     shapes at 2..16): ``mma.sync`` on ``q c`` pairs built in registers, block_m the tokens computed (8 or 16),
     block_n the channels per program (a multiple of 32), ``num_warps * 32 / block_n`` rows of warps along K, block_k
     128; calls it does not take (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
-    ``"gemv_tma"`` (:mod:`kernels.gluon_stream`; one token, 2- and 4-bit weights, Hopper): whole output columns per
-    program fed by a TMA ring, block_n 16, 32, 64 or 128 columns, block_k codes per step, ``num_warps`` consuming warps
-    (one more issues the copies), ``num_stages`` steps in flight; calls it does not take
-    (:func:`~kernels.gluon_stream.stream_gemv_supported`) run the rule's other kernels.
+    ``"gemv_tma"`` (:mod:`kernels.gluon_stream`; 1..4 tokens, 2- and 4-bit weights, Hopper): whole output columns per
+    program fed by a TMA ring, block_m the tokens per program (1, 2 or 4), block_n 16, 32, 64 or 128 columns, block_k
+    codes per step, ``num_warps`` consuming warps (one more issues the copies), ``num_stages`` steps in flight; calls
+    it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
+    the rule's other kernels.
     """
 
     kernel: str
@@ -274,11 +275,11 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
         cfg = default_config(bits, m, n, kq, mma=False)  # fp32 inputs, 3/8-bit codes, split channels, other shapes
         chosen = True
     if cfg.kernel == "gemv_tma":
-        if stream_gemv_supported(bits, x, packed, scales, kq, has_split):
+        if stream_gemv_supported(bits, x, packed, scales, kq, has_split, cfg.block_m):
             return launch_gemv_tma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                                   *gluon_scale_args(bits, master_bits, kq), cfg.block_n, cfg.block_k, cfg.num_stages,
-                                   cfg.num_warps, y)
-        cfg = default_config(bits, m, n, kq, mma=False)  # several tokens, fp32 inputs, 3/8-bit codes, split channels
+                                   *gluon_scale_args(bits, master_bits, kq), cfg.block_m, cfg.block_n, cfg.block_k,
+                                   cfg.num_stages, cfg.num_warps, y)
+        cfg = default_config(bits, m, n, kq, mma=False)  # > block_m tokens, fp32, 3/8-bit codes, split channels
         chosen = True
     if chosen and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
         # a half2 tile takes 16-bit inputs: fp32 ones run the fp32 GEMV, on the same tile unless it is a whole-column

@@ -48,12 +48,12 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
 
 
 def grid(m: int, n: int, kq: int) -> list[Config]:
-    """Tile configurations to time: one token, the TMA-ring GEMV; few tokens, split-K tiles of both orientations
+    """Tile configurations to time: 1..4 tokens, the TMA-ring GEMV; few tokens, split-K tiles of both orientations
     (``gemm`` also with 64-row tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256
     tokens wide, without and with split-K), the warp-specialized tiles and the dense path."""
     out = []
-    if m == 1:  # the TMA-ring GEMV: whole columns per program, steps in flight
-        out += stream_configs()
+    if m <= 4:  # the TMA-ring GEMV: whole columns per program, steps in flight
+        out += stream_configs(m)
     if m <= MAX_TOKENS:  # the tensor-core decode kernel: 32 or 64 channels per program, 1..8 rows of warps along
         for channels in (32, 64):  # K, split-K for 8..32 warps per SM
             for rows in (1, 2, 4, 8):

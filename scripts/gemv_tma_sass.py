@@ -8,7 +8,8 @@ over chunks of activations, whose preparation rounds them to integers, holds the
 
 Usage (with Triton 3.6, the H200 image's version, installed aside:
 ``pip install --no-deps --target /tmp/t36 triton==3.6.0``):
-``PYTHONPATH=/tmp/t36 python scripts/gemv_tma_sass.py [--p 4] [--tile 32,512,4] [--stages 4] [--k 8192] [--dump F]``
+``PYTHONPATH=/tmp/t36 python scripts/gemv_tma_sass.py [--p 4] [--m 2] [--tile 32,512,4] [--stages 4] [--k 8192]
+[--dump F]``
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ def main() -> None:
     ap.add_argument("--tile", default="32,512,4", help="block_n,block_k,warps (default %(default)s)")
     ap.add_argument("--stages", type=int, default=4, help="steps in flight (default 4)")
     ap.add_argument("--k", type=int, default=8192, help="input features (default 8192)")
+    ap.add_argument("--m", type=int, default=1, choices=gluon_stream.STREAM_TOKENS,
+                    help="tokens per program, block_m (default 1)")
     ap.add_argument("--dump", type=Path, help="write the SASS listing here")
     a = ap.parse_args()
     bn, bk, warps = map(int, a.tile.split(","))
@@ -45,9 +48,9 @@ def main() -> None:
     rec = _Recorder(gluon_stream.gemv_tma_kernel)
     gluon_stream.gemv_tma_kernel = rec
     try:
-        gluon_stream.launch_gemv_tma(torch.randn(1, a.k, dtype=torch.bfloat16), layer.packed, layer.scales,
-                                     layer.zeros, layer.row_scale, None, None, a.p, 1.0, 1.5, 1.0, bn, bk, a.stages,
-                                     warps, torch.empty(1, N, dtype=torch.bfloat16))
+        gluon_stream.launch_gemv_tma(torch.randn(a.m, a.k, dtype=torch.bfloat16), layer.packed, layer.scales,
+                                     layer.zeros, layer.row_scale, None, None, a.p, 1.0, 1.5, 1.0, a.m, bn, bk,
+                                     a.stages, warps, torch.empty(a.m, N, dtype=torch.bfloat16))
     finally:
         gluon_stream.gemv_tma_kernel = rec.fn
     compiled = compile_sm90(rec.launch, GluonASTSource)
@@ -58,7 +61,8 @@ def main() -> None:
         a.dump.write_text(sass)
     length, mix = _loop_mix(sass, skip=("SETMAXREG", "EXIT", "F2I"))
     codes = bk * bn // (32 * warps)
-    print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code), "
+    print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code; "
+          f"{a.m} tokens), "
           f"{sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:", dict(mix.most_common(18)))
 
 

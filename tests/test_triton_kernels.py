@@ -185,19 +185,22 @@ else:
 
     def test_tma_gemv_config_off_hopper_runs_the_rule():
         """``Config("gemv_tma")`` needs a Hopper GPU (Gluon, TMA): elsewhere the rule's kernel for the shape runs;
-        a tile the kernel cannot take is refused with what it takes."""
+        a tile (or a token count) the kernel cannot take is refused with what it takes."""
         lay = layer(2, seed=25)
-        x = torch.randn(1, K, dtype=torch.bfloat16)
-        out = run(x, lay, Config("gemv_tma", 1, 32, 512, num_warps=4, num_stages=4), torch.bfloat16)
-        rule = triton_ops.default_config(2, 1, lay.out_features, 128, mma=False)
-        assert torch.equal(out, run(x, lay, rule, torch.bfloat16))
-        assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
-        xq = torch.zeros(1, 128, dtype=torch.bfloat16)
-        for bn, bk, warps, match in ((16, 1024, 2, "multiple of 4 warps"), (48, 512, 4, "block_n 16, 32, 64 or 128"),
-                                     (32, 256, 4, "threads sharing a column")):
+        for m, tokens in ((1, 1), (3, 4)):
+            x = torch.randn(m, K, dtype=torch.bfloat16)
+            out = run(x, lay, Config("gemv_tma", tokens, 32, 512, num_warps=4, num_stages=4), torch.bfloat16)
+            rule = triton_ops.default_config(2, m, lay.out_features, 128, mma=False)
+            assert torch.equal(out, run(x, lay, rule, torch.bfloat16))
+            assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
+        for m, tokens, bn, bk, warps, match in ((1, 1, 16, 1024, 2, "multiple of 4 warps"),
+                                                (1, 1, 48, 512, 4, "block_n 16, 32, 64 or 128"),
+                                                (1, 1, 32, 256, 4, "threads sharing a column"),
+                                                (3, 2, 32, 512, 4, "got 3 tokens on block_m 2"),
+                                                (1, 3, 32, 512, 4, "block_m 1, 2 or 4")):
             with pytest.raises(ValueError, match=match):
-                launch_gemv_tma(xq, lay.packed, lay.scales, lay.zeros, lay.row_scale, None, None, 2, 1.0, 1.5, 1.0,
-                                bn, bk, 4, warps, out)
+                launch_gemv_tma(torch.zeros(m, 128, dtype=torch.bfloat16), lay.packed, lay.scales, lay.zeros,
+                                lay.row_scale, None, None, 2, 1.0, 1.5, 1.0, tokens, bn, bk, 4, warps, out)
 
     @pytest.mark.parametrize("bits", [2, 4])
     def test_warp_specialized_operands_carry_the_zero_points(bits):

@@ -22,6 +22,7 @@ from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
 from kernels.triton_ops import Config, launch_actquant, launch_linear, launch_linear_wa
 
+BF16, F16 = torch.bfloat16, torch.float16
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 
@@ -132,37 +133,39 @@ def test_gemv_mma(bits, dtype, channels, warps, split):
 
 
 @hopper
-@pytest.mark.parametrize("bits, dtype, block_n, block_k, warps, stages", [
-    (2, torch.bfloat16, 64, 512, 4, 4), (2, torch.float16, 32, 512, 4, 3), (2, torch.bfloat16, 128, 256, 4, 6),
-    (2, torch.float16, 64, 1024, 8, 1), (2, torch.bfloat16, 16, 1024, 4, 5), (4, torch.bfloat16, 64, 512, 8, 4),
-    (4, torch.float16, 32, 1024, 4, 2), (4, torch.bfloat16, 128, 256, 4, 3), (4, torch.float16, 16, 1024, 4, 3),
-    (4, torch.bfloat16, 32, 1024, 8, 8)])
-def test_gemv_tma(bits, dtype, block_n, block_k, warps, stages):
-    """The one-token kernel fed by a TMA ring: partial column tiles (N = 4000), a last step past Kq (K = 11008), one to
-    six slots, token scale and bias; two tokens fall back to the other kernels."""
-    cfg = Config("gemv_tma", 1, block_n, block_k, num_warps=warps, num_stages=stages)
+@pytest.mark.parametrize("bits, dtype, tokens, block_n, block_k, warps, stages", [
+    (2, BF16, 1, 64, 512, 4, 4), (2, F16, 2, 32, 512, 4, 3), (2, BF16, 4, 128, 256, 4, 6), (2, F16, 1, 64, 1024, 8, 1),
+    (2, BF16, 4, 16, 1024, 4, 5), (2, BF16, 2, 32, 1024, 8, 2), (4, BF16, 2, 64, 512, 8, 4), (4, F16, 1, 32, 1024, 4, 2),
+    (4, BF16, 4, 128, 256, 4, 3), (4, F16, 4, 16, 1024, 4, 3), (4, BF16, 1, 32, 1024, 8, 8), (4, F16, 2, 64, 256, 4, 2)])
+def test_gemv_tma(bits, dtype, tokens, block_n, block_k, warps, stages):
+    """The kernel fed by a TMA ring on programs of 1, 2 and 4 tokens, every token count up to them (the rows past the
+    call's zeroed and not stored): partial column tiles (N = 4000), a last step past Kq and rows prepared in chunks (K =
+    11008), one to six slots, token scales and bias; one token more than the programs take falls back to the other
+    kernels."""
+    cfg = Config("gemv_tma", tokens, block_n, block_k, num_warps=warps, num_stages=stages)
     for k, n in ((4096, 4000), (11008, 1024)):
         layer = make_layer(k, n, bits, gen("tma", k, n, bits))
-        for m in (1, 2):
+        for m in range(1, tokens + 2):
             check_wa16(layer, m, dtype, gen("tma", k, n, bits, m, block_n, stages), cfg)
-        check_token_scale_bias(layer, 1, dtype, cfg, "tma")
+        check_token_scale_bias(layer, max(tokens - 1, 1), dtype, cfg, "tma")
 
 
 @hopper
-@pytest.mark.parametrize("bits, block_n, block_k, warps", [(2, 64, 512, 4), (2, 64, 512, 8), (4, 32, 1024, 4),
-                                                      (2, 16, 1024, 4), (4, 16, 1024, 4)])
-def test_gemv_tma_many_programs_repeated(bits, block_n, block_k, warps):
+@pytest.mark.parametrize("bits, tokens, block_n, block_k, warps", [
+    (2, 1, 64, 512, 4), (2, 1, 64, 512, 8), (4, 1, 32, 1024, 4), (2, 1, 16, 1024, 4), (4, 1, 16, 1024, 4),
+    (2, 4, 16, 1024, 4), (4, 2, 32, 1024, 4)])
+def test_gemv_tma_many_programs_repeated(bits, tokens, block_n, block_k, warps):
     """448 to 1792 programs on 8192 x 28672 (several per SM), 3 slots for 8 or 16 steps, 20 calls with fresh inputs: a
     slot refilled before the consumers' shared loads have read it shows up as a wrong call (without the proxy fence
-    before the hand-back, 20 of 20 calls were wrong with 16 x 1024 tiles, docs/KERNELS.md)."""
+    before the hand-back, 20 of 20 calls were wrong with 16 x 1024 tiles at one token, docs/KERNELS.md)."""
     k, n = 8192, 28672
     layer = make_layer(k, n, bits, gen("tma-many", bits))
     w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
-    cfg = Config("gemv_tma", 1, block_n, block_k, num_warps=warps, num_stages=3)
-    g = gen("tma-many-x", bits, block_n, warps)
+    cfg = Config("gemv_tma", tokens, block_n, block_k, num_warps=warps, num_stages=3)
+    g = gen("tma-many-x", bits, block_n, warps, tokens)
     for call in range(20):
-        x = torch.randn(1, k, device="cuda", generator=g).to(torch.bfloat16)
-        out = poisoned(1, n, torch.bfloat16)
+        x = torch.randn(tokens, k, device="cuda", generator=g).to(torch.bfloat16)
+        out = poisoned(tokens, n, torch.bfloat16)
         launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None, bits,
                       layer.master_bits, k, torch.bfloat16, cfg, out)
         err = rel_err(out, x.double() @ w.T)
