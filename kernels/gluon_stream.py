@@ -367,9 +367,9 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     n = scales.shape[0]
     groups = block_k // GROUP_SIZE
     rows = 32 * warps // (block_n // 4) if block_n in (16, 32, 64, 128) else 0
-    smem = stream_smem_bytes(bits, kq, block_n, block_k, stages, warps, tokens) if tokens in STREAM_TOKENS else 0
-    if (not rows or warps % 4 or block_k % GROUP_SIZE or groups & (groups - 1) or groups % rows or groups > 32
-            or stages < 1 or not 0 < smem <= SMEM_BYTES or not m <= tokens):
+    smem = stream_smem_bytes(bits, kq, block_n, block_k, stages, warps, tokens)
+    if (tokens not in STREAM_TOKENS or m > tokens or not rows or warps % 4 or block_k % GROUP_SIZE
+            or groups & (groups - 1) or groups % rows or groups > 32 or stages < 1 or smem > SMEM_BYTES):
         raise ValueError(f"gemv_tma takes block_m 1, 2 or 4 tokens (at least the call's), block_n 16, 32, 64 or 128, "
                          f"a multiple of 4 warps (warp specialization), block_k a power-of-two number of groups (at "
                          f"most 32) that the {rows} threads sharing a column divide, at least one stage and at most "
