@@ -15,7 +15,9 @@ timed in the same rotation as the kernels (``floor_us``, and ``floor_pct`` = flo
 bytes would take.
 
 Writes ``docs/results/kernels-h200.json`` (a list of ``{"kernel", "K", "N", "M", "us", "bf16_us",
-"speedup", "bw_pct", "floor_us", "floor_pct", "config", "copy_tbps"}``) and prints a markdown table.
+"speedup", "bw_pct", "floor_us", "floor_pct", "config", "pdl", "copy_tbps"}``; ``pdl``: the kernels and the floor ran
+with programmatic dependent launch, :mod:`kernels.pdl`, so each call's launch overlaps the previous call's end, as
+between the layers of a model whose kernels all use it; bf16 ``F.linear`` runs without) and prints a markdown table.
 ``w{b}a{a}-mma`` times the int8 tensor-core kernel (:mod:`kernels.triton_mma`, tiles from ``mma8_config``) and
 ``w{b}a{a}-mma-norescale`` the same without its per-group rescale (wrong numbers; the difference is the rescale's time). ``--tune`` first picks, per shape,
 the fastest of a few kernel configurations and writes ``kernels/triton_table.json``; ``--sass``
@@ -47,6 +49,7 @@ from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
 from .gluon_stream import stream_tokens
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
+from .pdl import pdl_for, release_next_grid, wait_prior_grid_if
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
@@ -156,8 +159,10 @@ FLOOR_MIN_BYTES = 4 << 20
 
 
 @triton.jit
-def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    """Stream ``n`` int32 words of ``src``: copy them into ``dst``, or read them (one xor per program into ``dst``)."""
+def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr):
+    """Stream ``n`` int32 words of ``src``: copy them into ``dst``, or read them (one xor per program into ``dst``).
+    ``PDL``: launched as the kernels it is the floor of are (:mod:`kernels.pdl`)."""
+    wait_prior_grid_if(PDL)
     offs = tl.program_id(0) * (BLOCK * ITERS) + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.int32)
     for i in tl.static_range(ITERS):  # all loads in flight at once
@@ -168,6 +173,7 @@ def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: 
         else:
             acc ^= v
     if not COPY:
+        release_next_grid(PDL)
         tl.store(dst + tl.program_id(0), tl.xor_sum(acc, 0))
 
 
@@ -187,7 +193,9 @@ def floor_calls(nbytes: int, copy: bool) -> list:
     grid = (triton.cdiv(n, block * iters),)
     dst = torch.empty(copies * stride if copy else grid[0], dtype=torch.int32, device="cuda")
     views = [(src[i * stride:], dst[i * stride:] if copy else dst) for i in range(copies)]
-    return [lambda s=s, d=d: _stream_kernel[grid](s, d, n, COPY=copy, BLOCK=block, ITERS=iters, num_warps=4)
+    pdl = pdl_for(src)
+    return [lambda s=s, d=d: _stream_kernel[grid](s, d, n, COPY=copy, BLOCK=block, ITERS=iters, PDL=pdl, num_warps=4,
+                                                  launch_pdl=pdl)
             for s, d in views]
 
 
@@ -368,7 +376,7 @@ def bench(shapes, ms, kernels, bw: float, save=None) -> list[dict]:
                            speedup=round(bf16_us / us, 2), bw_pct=round(100 * nbytes / (us * 1e-6) / bw, 1),
                            floor_us=floor_us and round(floor_us, 2),
                            floor_pct=floor_us and round(100 * floor_us / us, 1),
-                           config=None if cfg is None else cfg.__dict__)
+                           config=None if cfg is None else cfg.__dict__, pdl=pdl_for(x))
                 records.append(rec)
                 floor_text = "" if floor_us is None else f"  floor {floor_us:6.1f} us ({rec['floor_pct']:.0f}%)"
                 print(f"{name:9s} K={k:5d} N={n:5d} M={m:4d}  {us:8.1f} us  bf16 {bf16_us:8.1f} us  "

@@ -48,6 +48,8 @@ PRODUCER_WARPS = gl.constexpr(4)
 PRODUCER_REGS = gl.constexpr(152)  # per producer thread; the MMA warps keep the launch's 168
 # the TMA tile load: ``async_copy_global_to_shared`` in Triton 3.6 (the H200's), renamed ``async_load`` by 3.9
 tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+# a shared-memory view as another dtype, shape or layout: ``_reinterpret`` in Triton 3.6, ``reinterpret`` by 3.9
+reinterpret = getattr(gl.shared_memory_descriptor, "reinterpret", None) or gl.shared_memory_descriptor._reinterpret
 # a barrier of the calling warps (the CTA or a warp-specialized partition): ``thread_barrier`` (3.6), ``barrier`` (3.9)
 cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
 
@@ -164,7 +166,7 @@ def _produce_partition(x_desc, xg_desc, w_desc, s_desc, zt_desc, pair_one, x_buf
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
         words, sbytes = _read_codes(code_bufs.index(s), scale_bufs.index(s))
-        pairs = w_bufs.index(s)._reinterpret(gl.uint32, [BN, BK // 2], pair_layout)
+        pairs = reinterpret(w_bufs.index(s), gl.uint32, [BN, BK // 2], pair_layout)
         pairs.store(_scaled_codes(words, sbytes, pair_one, BF16))
         fence_async_shared()
         mbarrier.arrive(w_ready.index(s))

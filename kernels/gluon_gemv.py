@@ -46,6 +46,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .gluon_gemm import cta_barrier
+from .pdl import launch_dependents, pdl_for, wait_prior_grid
 from .triton_common import e4m3_scaled
 from .triton_pairs import high_halves, low_halves, pair_fma, splat
 
@@ -347,6 +348,7 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     L16: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [W, 1], [1, 0])
     E: gl.constexpr = 7 if BF16 else 10
+    wait_prior_grid()  # PDL: the activations, the split-K workspace and counters, the output: the previous kernel's
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
     tid_t = gl.arange(0, R, layout=LT)
@@ -427,6 +429,7 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
             rows = rows + (gl.sum(gl.convert_layout(gl.reshape(vals[i], [WK, RO]), L2), axis=0), )
         vals = rows
         tid_o = gl.arange(0, RO, layout=gl.SliceLayout(0, L2))
+    launch_dependents()  # only the epilogue is left
     n_out = pid_n * RO + tid_o // 32 * 32 + (tid_o % 32) // 4 * 4
     c_o = tid_o % 4
     tile = pid_n
@@ -497,7 +500,10 @@ def launch_gemv_mma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
     """``y = x @ W_b^T`` (``x`` ``[M <= 16, Kq]``, 16-bit, rows 16-byte aligned) with :func:`gemv_mma_kernel`:
     programs of ``channels`` output channels (a multiple of 32) and ``warps`` warps, ``warps * 32 / channels`` rows
     of warps splitting the program's steps; up to ``split_k`` programs along K (``ws``: ``tiles * split_k *
-    token_rows(M) * channels`` floats, ``tiles = N / channels``; ``counters``: one zeroed int32 per tile)."""
+    token_rows(M) * channels`` floats, ``tiles = N / channels``; ``counters``: one zeroed int32 per tile). Launched
+    with programmatic dependent launch (:mod:`kernels.pdl`) except at 9..16 tokens on programs of one or two warps
+    (168 registers, many programs per SM): those measured 1-7 % slower with it back to back on the H200
+    (docs/BENCHMARKS.md, session 20), the rest up to 13 % faster."""
     m, kq = x.shape
     n = scales.shape[0]
     wk = warps * WARP_CHANNELS // channels
@@ -516,5 +522,6 @@ def launch_gemv_mma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
         counters, m, n, n_steps, per_split, per_warp, x.stride(0) // 2, y.stride(0),
         0x43004300 if bf16 else 0x64006400, grid[1], P=bits, BF16=bf16, NT=token_rows(m) // 8, WK=wk,
         RAGGED=wk > 1 and per_warp * wk * grid[1] != n_steps, ZOFF=zoff,
-        ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps)
+        ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None, HAS_BIAS=bias is not None, num_warps=warps,
+        launch_pdl=pdl_for(x) and (token_rows(m) == 8 or warps >= 4))
     return y

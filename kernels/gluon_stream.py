@@ -32,6 +32,9 @@ once after the loop. A slot is refilled (the copies for step ``i + STAGES``) as 
 read: without it the H200 returned wrong sums when the ring wrapped with several programs per SM), a barrier of the
 consumer warps, then one arrive on the slot's ``empty`` mbarrier.
 
+Launched with programmatic dependent launch (:mod:`kernels.pdl`) unless its programs would crowd some SMs
+(:func:`pdl_keeps_balance`).
+
 Scope: 2- and 4-bit K-major codes (``kernels.ops.k_major``), up to 4 tokens of bf16/fp16 activations with unit
 stride along K (or the fp16 ``xq`` of quantized activations with its token scales), no split channels, ``N % 16 ==
 0`` (TMA rows of 16 bytes), Hopper (TMA). A last step past ``Kq`` reads zeros (TMA fills them), which add nothing.
@@ -46,8 +49,9 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
-from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load
+from .gluon_gemm import SMEM_BYTES, cta_barrier, reinterpret, tma_descriptor, tma_load
 from .grid import GROUP_SIZE
+from .pdl import launch_dependents, pdl_for, sm_count, wait_prior_grid
 from .triton_common import e4m3_scaled, store_scaled
 
 STREAM_BITS = (2, 4)
@@ -202,14 +206,14 @@ def _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_
     LG: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, L4))  # [GS, BN]
     LX: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(2, L4))  # [T, GS]
     # the chunk's buffers, read per step and pair slot (in a layout of the rank an entry has)
-    xp_steps = xp_smem._reinterpret(gl.uint32, [NSUB * HALF, T, GS, P], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    xs_steps = xs_smem._reinterpret(gl.float32, [NSUB, T, GS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
-    xd_steps = xd_smem._reinterpret(gl.float32, [NSUB, T, GS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    xp_steps = reinterpret(xp_smem, gl.uint32, [NSUB * HALF, T, GS, P], gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    xs_steps = reinterpret(xs_smem, gl.float32, [NSUB, T, GS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
+    xd_steps = reinterpret(xd_smem, gl.float32, [NSUB, T, GS], gl.SwizzledSharedLayout(1, 1, 1, [1, 0]))
     words_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     for i in range(first, last):
         s = i % STAGES
         mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-        words = code_bufs.index(s)._reinterpret(code_bufs.dtype, [GS, P, BN], words_layout).load(LW)
+        words = reinterpret(code_bufs.index(s), code_bufs.dtype, [GS, P, BN], words_layout).load(LW)
         sb = scale_bufs.index(s).load(LG)
         zb = zero_bufs.index(s).load(LG)
         # the slot's next bytes come by TMA (the async proxy): without this fence the copy can land before these
@@ -287,6 +291,7 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
     gl.static_assert(GS % TR == 0, "a step's groups must spread evenly over the threads of a column")
     # [token, group, word row, column]: a thread holds every token of its groups and 4 consecutive columns
     L4: gl.constexpr = gl.BlockedLayout([T, GS // TR, P, 4], [1, 32 // TC, 1, TC], [1, W, 1, 1], [3, 2, 1, 0])
+    wait_prior_grid()  # PDL (:mod:`kernels.pdl`): the activations and the output may be the previous kernel's
     off_n = gl.program_id(0) * BN
     n_steps = gl.cdiv(Kq, GS * 32)
 
@@ -312,6 +317,7 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
                     xd_smem, n_steps, P, ONE_CHUNK, ZOFF, ZMUL, L4)),
         (_load, (w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps)),
     ], [1], [LOADER_REGS])
+    launch_dependents()  # only the epilogue is left
 
     total = gl.sum(acc, axis=1)
     LT: gl.constexpr = total.type.layout
@@ -338,6 +344,15 @@ def prep_chunk(kq: int, warps: int, tokens: int) -> int:
     thread (a power of two)."""
     whole = triton.next_power_of_2(kq // GROUP_SIZE)
     return max(32 * warps, whole) if whole <= CHUNK_GROUPS else max(32 * warps, CHUNK_GROUPS) // tokens
+
+
+def pdl_keeps_balance(programs: int, tokens: int, warps: int, sms: int) -> bool:
+    """Whether a launch of ``programs`` programs may use PDL (:mod:`kernels.pdl`): not when they are at most one per SM
+    while two fit on an SM (by registers: the consumers, the loader and three idle warps at :data:`MAX_REGS` each).
+    The next launch's programs, resident before this one finishes, then land two to an SM on some SMs and none on
+    others: back to back on the H200 such launches (128 programs of 4 consumer warps) took 5-21 % longer with PDL, the
+    other ring launches up to 15 % less (docs/BENCHMARKS.md, session 20)."""
+    return programs > sms or 2 * MAX_REGS[tokens] * 32 * (warps + 4) > 65536
 
 
 def stream_smem_bytes(bits: int, kq: int, block_n: int, block_k: int, stages: int, warps: int, tokens: int) -> int:
@@ -377,11 +392,13 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                          f"{tokens}, {block_n}, {block_k}, {stages} stages, {warps} warps ({smem} bytes)")
     su8 = scales.view(torch.uint8)
     chunk = prep_chunk(kq, warps, tokens)
-    gemv_tma_kernel[(triton.cdiv(n, block_n), )](
+    grid = triton.cdiv(n, block_n)
+    gemv_tma_kernel[(grid, )](
         x, tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
         tma_descriptor(su8.t(), [groups, block_n], False), tma_descriptor(zeros.t(), [groups, block_n], False),
         row_scale, token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
         m, n, kq, x.stride(0), y.stride(0), T=tokens, P=bits, CHUNK=chunk, ONE_CHUNK=chunk * GROUP_SIZE >= kq,
         STAGES=stages, ZOFF=zoff, ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None,
-        HAS_BIAS=bias is not None, num_warps=warps, maxnreg=MAX_REGS[tokens])
+        HAS_BIAS=bias is not None, num_warps=warps, maxnreg=MAX_REGS[tokens],
+        launch_pdl=pdl_for(x) and pdl_keeps_balance(grid, tokens, warps, sm_count(x.device)))
     return y

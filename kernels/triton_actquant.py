@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from . import e4m3
+from .pdl import release_next_grid, wait_prior_grid_if
 from .triton_common import e4m3_scaled, load_act
 
 _MAGIC_RINT = tl.constexpr(12582912.0)  # 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 half-to-even in fp32
@@ -94,15 +95,18 @@ def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
 def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq, stride_xm,
                     stride_qm, QMAX: tl.constexpr, XQ_MUL: tl.constexpr, BG: tl.constexpr,
                     HAS_SPLIT: tl.constexpr, WRITE_CODES: tl.constexpr, ONE_CHUNK: tl.constexpr,
-                    DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1):
+                    DEQUANT: tl.constexpr = False, STAGES: tl.constexpr = 1, PDL: tl.constexpr = False):
     """Quantize token ``program_id(0)`` in chunks of ``BG`` groups: a pass for the token scale, then the codes.
 
     The second pass re-reads the row (an L2 hit); with ``ONE_CHUNK`` (``BG * 32 >= Kq``) the row
     stays in registers and there is one pass. ``STAGES`` > 1 software-pipelines the chunk loops'
     loads (``tl.range(num_stages=...)``). ``x / step`` per element is one reciprocal per
     group and Markstein's correction, ``q = x r; q += (x - q step) r`` with ``r = 1/step`` correctly
-    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands.
+    rounded, which is the correctly rounded quotient (as ``div_rn``) for normal operands. ``PDL``:
+    lets the next kernel launch at once and waits for the previous one (:mod:`kernels.pdl`).
     """
+    release_next_grid(PDL)  # the linear that reads xq may launch now (it waits for this kernel to finish)
+    wait_prior_grid_if(PDL)
     m = tl.program_id(0)
     G = Kq // 32
     gg = tl.arange(0, BG)

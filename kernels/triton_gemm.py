@@ -26,6 +26,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import release_next_grid, wait_prior_grid_if
 from .triton_common import e4m3_scaled, finish, load_act
 from .triton_pairs import minus_centre, pair_add, pair_fma, splat
 
@@ -121,9 +122,11 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                 SPLIT_K, HAS_SPLIT: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                X_FIRST: tl.constexpr, ASM: tl.constexpr):
+                X_FIRST: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr = False):
     """``y = x @ W^T``; grid (cdiv(M, BM) * cdiv(N, BN), SPLIT_K), M tiles grouped by GROUP_M for L2 reuse;
-    ``X_FIRST`` the orientation of the product (module docstring)."""
+    ``X_FIRST`` the orientation of the product (module docstring); ``PDL`` waits for the previous kernel first and
+    lets the next one launch before the epilogue (:mod:`kernels.pdl`)."""
+    wait_prior_grid_if(PDL)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     num_m = tl.cdiv(M, BM)
@@ -152,6 +155,7 @@ def gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             acc = tl.dot(a, tl.trans(w), acc)
         else:
             acc = tl.dot(w, tl.trans(a), acc)
+    release_next_grid(PDL)
     finish(acc if X_FIRST else tl.trans(acc), rows, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr,
            cnt_ptr, pid_m * num_n + pid_n, pid_k, COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)
 

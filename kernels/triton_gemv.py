@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .pdl import release_next_grid, wait_prior_grid_if
 from .triton_common import e4m3_scaled, finish, load_act
 
 MAGIC_BITS = 0x4B000000  # exponent field of 2^23 (150 << 23); passed at run time so no constant gets folded
@@ -132,12 +133,15 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
                 P0: tl.constexpr, S0: tl.constexpr, P1: tl.constexpr, S1: tl.constexpr, P2: tl.constexpr,
                 S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                 BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, WIN: tl.constexpr,
-                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr):
+                HAS_SPLIT: tl.constexpr, EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                PDL: tl.constexpr = False):
     """``y[:M] = x[:M] @ W^T`` for M <= BM; grid (cdiv(N, BN), SPLIT_K).
 
     ``magic`` is :data:`MAGIC_BITS`; ``WIN`` the mantissa window of one shifted word copy
-    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact).
+    (8 for 16-bit activations, ``P0`` for fp32 ones, whose products are not exact); ``PDL``
+    waits for the previous kernel first and lets the next one launch before the epilogue (:mod:`kernels.pdl`).
     """
+    wait_prior_grid_if(PDL)
     cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, BG)
     tok = tl.arange(0, BM)
     kk = tl.arange(0, 32)
@@ -176,5 +180,6 @@ def gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_ptr,
             d += _plane(w2, xt, magic, P2, S2, WIN, BM, BG)
         t = zb * X[:, :, None] + XO[:, :, None]
         acc += tl.sum(c * (d - t), axis=1)
+    release_next_grid(PDL)
     finish(acc, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
            tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import release_next_grid, wait_prior_grid_if
 from .triton_common import e4m3_scaled, finish
 from .triton_pairs import hadd2_asm, hadd2_plain, half2_sum, join, minus_centre, pair_add, pair_fma
 from .triton_gemv import _load_rows, _pick, _program_tile, _sz_bytes, _x_tile
@@ -149,13 +150,15 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
                    S2: tl.constexpr, ZOFF: tl.constexpr, ZMUL: tl.constexpr, COL_MULT: tl.constexpr,
                    BM: tl.constexpr, BG: tl.constexpr, BN: tl.constexpr, SPLIT_K, HAS_SPLIT: tl.constexpr,
                    EVEN_K: tl.constexpr, HAS_TS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                   UNROLL: tl.constexpr = 2):
+                   UNROLL: tl.constexpr = 2, PDL: tl.constexpr = False):
     """``y[:M] = x[:M] @ W^T`` for M <= BM (single-plane codes, 16-bit ``x``); grid (cdiv(N, BN), SPLIT_K).
 
     The arguments are :func:`kernels.triton_gemv.gemv_kernel`'s without ``R1, R2, magic, WIN``, and
     ``one`` (:data:`kernels.triton_pairs.F16_ONE`); ``ASM`` selects inline PTX (GPU) or its plain-op twins (interpreter);
-    ``UNROLL`` (1 or 2) steps per loop iteration (a step past ``g_hi`` loads nothing and adds exactly 0).
+    ``UNROLL`` (1 or 2) steps per loop iteration (a step past ``g_hi`` loads nothing and adds exactly 0); ``PDL``
+    waits for the previous kernel first and lets the next one launch before the epilogue (:mod:`kernels.pdl`).
     """
+    wait_prior_grid_if(PDL)
     tl.static_assert(P1 == 0 and (P0 == 2 or P0 == 4 or P0 == 8))
     cols, cmask, cols4, g_lo, g_hi = _program_tile(N, Kq, SPLIT_K, BN, UNROLL * BG)  # splits of whole loop iterations
     tok = tl.arange(0, BM)
@@ -192,5 +195,6 @@ def gemv_h2_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, split_p
         total = tl.sum(acc, axis=1)
     else:
         total = acc
+    release_next_grid(PDL)
     finish(total, tok, cols, M, N, y_ptr, stride_ym, rs_ptr, ts_ptr, bias_ptr, ws_ptr, cnt_ptr, tl.program_id(0),
            tl.program_id(1), COL_MULT, SPLIT_K, HAS_TS, HAS_BIAS)

@@ -32,6 +32,7 @@ from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_support
 from .gluon_stream import launch_gemv_tma, stream_gemv_supported
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
+from .pdl import pdl_for
 from .triton_actquant import actquant_kernel
 from .split import expand_input
 from .triton_gemm import dequant_kernel, gemm_kernel
@@ -313,8 +314,9 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
             m, n, in_features, padded_width(in_features, GROUP_SIZE), kq, x.stride(0), y.stride(0),
             packed.stride(1), packed.stride(0), su8.stride(1), su8.stride(0))
     r1, r2, consts = weight_args(bits, master_bits, kq)
+    pdl = pdl_for(x)
     consts.update(COL_MULT=256.0 * mult, SPLIT_K=split_k, HAS_SPLIT=has_split, HAS_TS=token_scale is not None,
-                  HAS_BIAS=bias is not None)
+                  HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl)
     if zu8.stride() != su8.stride():
         raise ValueError("scales and zeros must share one memory layout")
     if cfg.kernel == "gemv":
@@ -429,7 +431,8 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,
-                              DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps)
+                              DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps,
+                              PDL=pdl_for(x), launch_pdl=pdl_for(x))
     return (xq, ts, *extra)
 
 

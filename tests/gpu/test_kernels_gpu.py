@@ -260,3 +260,51 @@ def test_cuda_graph_and_torch_compile():
     static_x.copy_(fresh)
     graph.replay()
     assert torch.equal(static_out, f(fresh))
+
+
+@hopper
+@pytest.mark.parametrize("bits, m, act_bits, config", [
+    (2, 1, None, Config("gemv_tma", 1, 16, 1024, num_warps=4, num_stages=2)),
+    (4, 2, None, Config("gemv_tma", 2, 16, 1024, num_warps=4, num_stages=3)),
+    (2, 1, 2, Config("gemv_tma", 1, 32, 1024, num_warps=8, num_stages=4)),
+    (2, 2, None, Config("gemv_tma", 2, 32, 1024, num_warps=4, num_stages=2)),
+    (2, 8, None, Config("gemv_mma", 8, 32, 128, split_k=4, num_warps=4)),
+    (4, 3, None, Config("gemv_h2", 4, 128, 2, split_k=4, num_warps=1)),
+    (2, 16, None, Config("gemm_t", 16, 64, 64, split_k=4, num_warps=4, num_stages=3)),
+    (2, 2, 4, None)])
+def test_pdl_chain_matches_launches_without_it(bits, m, act_bits, config):
+    """Four layers back to back, each reading the previous one's output, launched with programmatic dependent launch
+    (each kernel's programs launch while the one before finishes, :mod:`kernels.pdl`): eagerly and as 10 replays of a
+    captured graph, bit-identical to the same chain without PDL (a read of the activations, the split-K workspace or
+    counters before the wait would see the previous layer's unfinished output). The TMA ring on 256 programs, on 128
+    with one per SM, and on 128 of which two fit on an SM (launched without PDL: ``pdl_keeps_balance``); the
+    activation quantizer before the ring; the decode, half2 and ``W @ x^T`` kernels with split-K."""
+    from kernels import pdl
+
+    g = gen("pdl", bits, m, act_bits)
+    layers = [make_layer(4096, 4096, bits, g) for _ in range(4)]
+    x = (torch.randn(m, 4096, device="cuda", generator=g) / 64).to(torch.bfloat16)
+
+    def chain(inp: torch.Tensor) -> torch.Tensor:
+        for layer in layers:
+            args = (inp, layer.packed, layer.scales, layer.zeros, layer.row_scale, None)
+            inp = (launch_linear(*args, None, None, bits, layer.master_bits, 4096, BF16, config) if act_bits is None
+                   else launch_linear_wa(*args, None, bits, layer.master_bits, act_bits, BF16, config))
+        return inp
+
+    before = pdl.ENABLED
+    try:
+        pdl.ENABLED = False
+        plain = chain(x)
+        pdl.ENABLED = True
+        assert torch.equal(chain(x), plain)
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = chain(static_x)
+    finally:
+        pdl.ENABLED = before
+    assert plain.isfinite().all()
+    for _ in range(10):
+        graph.replay()
+        assert torch.equal(static_out, plain)
