@@ -49,7 +49,7 @@ from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
 from .gluon_stream import stream_tokens
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
-from .pdl import pdl_for, release_next_grid, wait_prior_grid_if
+from .pdl import pdl_for, release_next_grid, sm_count, wait_prior_grid_if
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel
@@ -185,7 +185,7 @@ def floor_calls(nbytes: int, copy: bool) -> list:
     about four programs."""
     iters = 4
     n = max(1, (nbytes // 2 if copy else nbytes) // 4)
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    sms = sm_count(torch.device("cuda"))
     block = min(2048, max(128, triton.next_power_of_2(triton.cdiv(n, iters * 4 * sms))))
     stride = triton.cdiv(n, 256) * 256  # 1 KiB-aligned copies
     copies = copies_for(nbytes)

@@ -428,11 +428,12 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
         tile = tile or actquant_tile(m, kq // GROUP_SIZE)
+        pdl = pdl_for(x)
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,
                               DEQUANT=dequant_dtype is not None, STAGES=tile.stages, num_warps=tile.warps,
-                              PDL=pdl_for(x), launch_pdl=pdl_for(x))
+                              PDL=pdl, launch_pdl=pdl)
     return (xq, ts, *extra)
 
 
