@@ -28,6 +28,7 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
+from .gluon_gemm_ra import launch_gemm_ra, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
 from .gluon_stream import launch_gemv_tma, stream_gemv_supported
 from .grid import GROUP_SIZE, padded_width
@@ -75,7 +76,11 @@ class Config:
     program fed by a TMA ring, block_m the tokens per program (1, 2 or 4), block_n 16, 32, 64 or 128 columns, block_k
     codes per step, ``num_warps`` consuming warps (one more issues the copies), ``num_stages`` steps in flight; calls
     it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
-    the rule's other kernels.
+    the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
+    tokens, never the rule's; 2- and 4-bit weights, 16-bit inputs, Hopper): the dequantized weights as wgmma's register
+    operand, block_m the tokens per program (16, 32, 64 or 128: wgmma's N), block_n 64 weight rows, block_k 64,
+    ``num_warps`` 4 consumer warps (one more issues the copies), ``num_stages`` slots; calls it does not take
+    (:func:`~kernels.gluon_gemm_ra.ra_supported`) run the rule's kernel for the shape.
     """
 
     kernel: str
@@ -270,6 +275,11 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
     cfg = config or choose_config(bits, m, n, kq)
     has_split = split_index is not None and split_index.numel() > 0
     chosen = config is None  # the dispatch's own choice (else the caller's, run as given)
+    if cfg.kernel == "gemm_ra":
+        if ra_supported(bits, x, packed, scales, kq, has_split):
+            return _ra_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
+        cfg = default_config(bits, m, n, kq)  # fp32 inputs, 3/8-bit codes, split channels, not Hopper: the rule
+        chosen = True
     if cfg.kernel == "gemv_mma":
         if mma_gemv_supported(bits, x, packed, scales, kq, has_split):
             return _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
@@ -357,6 +367,16 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
     return launch_gemm_ws(xe, packed, scales, zeros, row_scale, token_scale, bias, bits,
                           *gluon_scale_args(bits, master_bits, kq), cfg.block_m, cfg.block_n, cfg.block_k,
                           cfg.num_stages, y)
+
+
+def _ra_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
+    """``y = x @ W_b^T`` with the dequantized weights as wgmma's register operand (:mod:`kernels.gluon_gemm_ra`)."""
+    n, g = scales.shape
+    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(x.shape[0], cfg.block_m)
+    split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
+    return launch_gemm_ra(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
+                          *gluon_scale_args(bits, master_bits, g * GROUP_SIZE), cfg.block_m, cfg.num_stages, split_k,
+                          ws, cnt, y)
 
 
 def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):

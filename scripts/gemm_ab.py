@@ -30,6 +30,7 @@ from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_
                            make_layers, parse_shapes, stream_configs, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.gluon_gemv import MAX_TOKENS, token_rows  # noqa: E402
+from kernels.gluon_gemm_ra import RA_STEP_K, RA_TOKENS, ra_split  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
 
@@ -47,11 +48,23 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
     return split
 
 
+def ra_grid(m: int, n: int, kq: int) -> list[Config]:
+    """The register-operand wgmma kernel's configurations (16..256 tokens): programs of ``min(128, M rounded up to a
+    power of two)`` tokens, 3 or 5 slots, :func:`~kernels.gluon_gemm_ra.ra_split` halved, as is and doubled."""
+    if not 16 <= m <= 256:
+        return []
+    tokens = min(max(RA_TOKENS[0], triton.next_power_of_2(m)), RA_TOKENS[-1])
+    split = ra_split(n, kq, triton.cdiv(m, tokens), SMS)
+    return [Config("gemm_ra", tokens, 64, RA_STEP_K, split_k=s, num_warps=4, num_stages=st) for st in (3, 5)
+            for s in sorted({max(split // 2, 1), split, 2 * split})]
+
+
 def grid(m: int, n: int, kq: int) -> list[Config]:
     """Tile configurations to time: 1..4 tokens, the TMA-ring GEMV; few tokens, split-K tiles of both orientations
     (``gemm`` also with 64-row tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256
-    tokens wide, without and with split-K), the warp-specialized tiles and the dense path."""
-    out = []
+    tokens wide, without and with split-K), the warp-specialized tiles and the dense path; 16..256 tokens, the
+    register-operand wgmma kernel (:func:`ra_grid`)."""
+    out = ra_grid(m, n, kq)
     if m <= 4:  # the TMA-ring GEMV: whole columns per program, steps in flight
         out += stream_configs(m)
     if m <= MAX_TOKENS:  # the tensor-core decode kernel: 32 or 64 channels per program, 1..8 rows of warps along
@@ -100,7 +113,7 @@ def main() -> None:
     ap.add_argument("--shapes", default=SHAPES, help="K x N shapes, comma-separated (default %(default)s)")
     ap.add_argument("--ms", default=MS, help="token counts, comma-separated (default %(default)s)")
     ap.add_argument("--bits", default="2", help="weight widths, comma-separated (default %(default)s)")
-    ap.add_argument("--kernels", default="current,gemm_t,gemm,gemm_ws,dense",
+    ap.add_argument("--kernels", default="current,gemm_t,gemm,gemm_ra,gemm_ws,dense",
                     help="which of the grid's kernels to time, comma-separated (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="JSON records to write")
     args = ap.parse_args()
@@ -139,7 +152,7 @@ def main() -> None:
     for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
         rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "gemv_tma", "gemv_mma", "gemm_t", "gemm", "gemm_ws", "dense")}
+                for lab in ("current", "gemv_tma", "gemv_mma", "gemm_t", "gemm", "gemm_ra", "gemm_ws", "dense")}
         print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
     print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")

@@ -15,20 +15,17 @@ Usage (with Triton 3.6, the H200 image's version, installed aside:
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 import torch
-from triton.experimental.gluon._runtime import GluonASTSource
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels import gluon_stream  # noqa: E402
-from kernels.bench import _loop_mix  # noqa: E402
 from kernels.grid import quantize_weight  # noqa: E402
 from kernels.ops import pack_linear  # noqa: E402
-from sass_count import _Recorder, compile_sm90, cuobjdump_of  # noqa: E402  (this script's folder is on sys.path)
+from sass_count import _Recorder, gluon_loop_report  # noqa: E402  (this script's folder is on sys.path)
 
 N = 4096
 
@@ -41,7 +38,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=8192, help="input features (default 8192)")
     ap.add_argument("--m", type=int, default=1, choices=gluon_stream.STREAM_TOKENS,
                     help="tokens per program, block_m (default 1)")
-    ap.add_argument("--dump", type=Path, help="write the SASS listing here")
+    ap.add_argument("--dump", type=Path, help="write the SASS listing here (and the PTX beside it)")
     a = ap.parse_args()
     bn, bk, warps = map(int, a.tile.split(","))
     layer = pack_linear(quantize_weight(torch.randn(N, a.k) * 0.02), a.p)
@@ -53,18 +50,7 @@ def main() -> None:
                                      a.stages, warps, torch.empty(a.m, N, dtype=torch.bfloat16))
     finally:
         gluon_stream.gemv_tma_kernel = rec.fn
-    compiled = compile_sm90(rec.launch, GluonASTSource)
-    cubin = compiled.asm["cubin"]
-    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(cubin, "-res-usage")))
-    sass = cuobjdump_of(cubin, "-sass")
-    if a.dump:
-        a.dump.write_text(sass)
-    length, mix = _loop_mix(sass, skip=("SETMAXREG", "EXIT", "F2I"))
-    codes = bk * bn // (32 * warps)
-    print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code; "
-          f"{a.m} tokens), "
-          f"{sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:", dict(mix.most_common(18)))
-
+    gluon_loop_report(rec.launch, bk * bn // (32 * warps), a.m, ("SETMAXREG", "EXIT", "F2I"), a.dump)
 
 if __name__ == "__main__":
     main()

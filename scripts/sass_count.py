@@ -105,6 +105,27 @@ def compile_sm90(launch: Launch, source=ASTSource):
     return triton.compile(source(launch.fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
 
 
+def gluon_loop_report(launch: Launch, codes: int, tokens: int, skip: tuple[str, ...], dump: Path | None) -> None:
+    """Compile a recorded Gluon launch for sm_90 and print its registers, spills and shared memory and its main loop's
+    length and instruction mix per ``codes`` (codes one consumer thread dequantizes per iteration, for ``tokens``
+    tokens); the main loop is the largest backward-branch loop holding none of ``skip`` (the worker warps' dispatch
+    loop of ``gl.warp_specialize`` holds ``SETMAXREG`` and ``EXIT``). ``dump``: write the SASS listing there and the
+    PTX beside it (``.ptx`` appended)."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    compiled = compile_sm90(launch, GluonASTSource)
+    cubin = compiled.asm["cubin"]
+    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(cubin, "-res-usage")))
+    sass = cuobjdump_of(cubin, "-sass")
+    if dump:
+        dump.write_text(sass)
+        Path(f"{dump}.ptx").write_text(compiled.asm["ptx"])
+    length, mix = _loop_mix(sass, skip=skip)
+    print(f"consumer loop: {length} instructions per {codes} codes per thread ({length / codes:.2f} per code; "
+          f"{tokens} tokens), {sum(v for k, v in mix.items() if k.startswith('BAR'))} barriers:",
+          dict(mix.most_common(24)))
+
+
 def cuobjdump() -> str:
     """The cuobjdump bundled with Triton (or the one on PATH)."""
     bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

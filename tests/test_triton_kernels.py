@@ -22,6 +22,7 @@ else:
 
     from kernels.actquant import dequantize_activations, quantize_activations
     from kernels.gluon_gemm import group_means, zero_terms
+    from kernels.gluon_gemm_ra import launch_gemm_ra, ra_split
     from kernels.gluon_stream import launch_gemv_tma
     from kernels.grid import affine_params, dequantize, slice_codes
     from kernels.ops import pack_linear
@@ -201,6 +202,31 @@ else:
             with pytest.raises(ValueError, match=match):
                 launch_gemv_tma(torch.zeros(m, 128, dtype=torch.bfloat16), lay.packed, lay.scales, lay.zeros,
                                 lay.row_scale, None, None, 2, 1.0, 1.5, 1.0, tokens, bn, bk, 4, warps, out)
+
+    def test_register_operand_config_off_hopper_runs_the_rule():
+        """``Config("gemm_ra")`` needs a Hopper GPU (Gluon, TMA, wgmma): elsewhere the rule's kernel for the shape
+        runs; a token tile or ring the kernel cannot take is refused with what it takes."""
+        lay = layer(2, seed=26)
+        for m in (3, 20):
+            x = torch.randn(m, K, dtype=torch.bfloat16)
+            out = run(x, lay, Config("gemm_ra", 32, 64, 64, num_warps=4, num_stages=5), torch.bfloat16)
+            rule = triton_ops.default_config(2, m, lay.out_features, 128)
+            assert torch.equal(out, run(x, lay, rule, torch.bfloat16))
+            assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
+        for tokens, stages, match in ((24, 3, "block_m in"), (64, 1, "at least 2 stages"), (128, 40, "bytes of slots")):
+            with pytest.raises(ValueError, match=match):
+                launch_gemm_ra(torch.zeros(tokens, 128, dtype=torch.bfloat16), lay.packed, lay.scales, lay.zeros,
+                               lay.row_scale, None, None, 2, 1.0, 1.5, 1.0, tokens, stages, 1, torch.empty(1),
+                               torch.zeros(1, dtype=torch.int32), torch.empty(tokens, lay.out_features))
+
+    def test_register_operand_split_fills_the_sms_with_long_enough_splits():
+        """Split-K of the register-operand kernel: the fewest power-of-two splits that give 132 SMs two programs of 64
+        rows each, while each split keeps at least eight 64-K steps."""
+        assert ra_split(4096, 4096, 1, 132) == 8  # 64 row tiles: 512 programs of 8 steps
+        assert ra_split(4096, 14336, 1, 132) == 8  # the same tiles, 28 steps each
+        assert ra_split(14336, 4096, 1, 132) == 2  # 224 row tiles: 448 programs
+        assert ra_split(8192, 8192, 2, 132) == 2  # two token tiles: 512 programs
+        assert ra_split(4096, 1024, 1, 132) == 2  # 16 steps: a third split would leave 4 per program
 
     @pytest.mark.parametrize("bits", [2, 4])
     def test_warp_specialized_operands_carry_the_zero_points(bits):

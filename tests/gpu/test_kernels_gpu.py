@@ -173,6 +173,42 @@ def test_gemv_tma_many_programs_repeated(bits, tokens, block_n, block_k, warps):
 
 
 @hopper
+@pytest.mark.parametrize("bits, dtype, tokens, stages, split", [
+    (2, BF16, 16, 3, 1), (2, F16, 32, 5, 3), (2, BF16, 64, 4, 2), (2, BF16, 128, 2, 1), (4, BF16, 16, 5, 2),
+    (4, F16, 64, 3, 1), (4, BF16, 128, 5, 4), (4, F16, 32, 4, 5)])
+def test_gemm_ra(bits, dtype, tokens, stages, split):
+    """The register-operand wgmma kernel on programs of 16..128 tokens: token counts in one and several token tiles
+    (partial ones), partial weight-row tiles (N = 4000), a last step past Kq (K = 1056), split counts that do not
+    divide the steps, 2..5 slots, token scales and bias; split channels fall back to the other kernels."""
+    cfg = Config("gemm_ra", tokens, 64, 64, split_k=split, num_warps=4, num_stages=stages)
+    for k, n in ((4096, 4000), (1056, 1024)):
+        layer = make_layer(k, n, bits, gen("ra", k, n, bits))
+        for m in sorted({1, tokens - 1, tokens, tokens + 3, 2 * tokens + 1}):
+            check_wa16(layer, m, dtype, gen("ra", k, n, bits, m, tokens, split), cfg)
+        check_token_scale_bias(layer, tokens - 3, dtype, cfg, "ra")
+    idx = split_region_index(list(range(5, 4096, 61)), 4096, 32, segments=4)
+    check_wa16(make_layer(4096, 1024, bits, gen("ra-split", bits), idx), tokens, dtype, gen("ra-split", 1), cfg)
+
+
+@hopper
+def test_gemm_ra_many_programs_repeated():
+    """896 programs of 64 tokens on 8192 x 28672 (two per SM, several waves), 3 slots for 128 steps, 20 calls with
+    fresh inputs: a slot handed back to the loader before its reads were done would show up as a wrong call."""
+    k, n = 8192, 28672
+    layer = make_layer(k, n, 2, gen("ra-many"))
+    w = dequantize(layer.to_quantized_weight(), 2, dtype=torch.float64)
+    cfg = Config("gemm_ra", 64, 64, 64, num_warps=4, num_stages=3)
+    g = gen("ra-many-x")
+    for call in range(20):
+        x = torch.randn(128, k, device="cuda", generator=g).to(torch.bfloat16)
+        out = poisoned(128, n, torch.bfloat16)
+        launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None, 2,
+                      layer.master_bits, k, torch.bfloat16, cfg, out)
+        err = rel_err(out, x.double() @ w.T)
+        assert not out.isnan().any() and err <= 1e-2, f"call {call}: rel err {err:.2e}"
+
+
+@hopper
 def test_gemm_ws_split_channels_token_scale_bias_and_graphs():
     """Split channels (expanded input), W2A2 (token scales), bias, and a CUDA-graph replay through the kernel."""
     k, n = 4096, 1024
@@ -271,6 +307,8 @@ def test_cuda_graph_and_torch_compile():
     (2, 8, None, Config("gemv_mma", 8, 32, 128, split_k=4, num_warps=4)),
     (4, 3, None, Config("gemv_h2", 4, 128, 2, split_k=4, num_warps=1)),
     (2, 16, None, Config("gemm_t", 16, 64, 64, split_k=4, num_warps=4, num_stages=3)),
+    (2, 64, None, Config("gemm_ra", 64, 64, 64, split_k=4, num_warps=4, num_stages=5)),
+    (4, 32, 4, Config("gemm_ra", 32, 64, 64, split_k=2, num_warps=4, num_stages=3)),
     (2, 2, 4, None)])
 def test_pdl_chain_matches_launches_without_it(bits, m, act_bits, config):
     """Four layers back to back, each reading the previous one's output, launched with programmatic dependent launch
@@ -278,7 +316,8 @@ def test_pdl_chain_matches_launches_without_it(bits, m, act_bits, config):
     captured graph, bit-identical to the same chain without PDL (a read of the activations, the split-K workspace or
     counters before the wait would see the previous layer's unfinished output). The TMA ring on 256 programs, on 128
     with one per SM, and on 128 of which two fit on an SM (launched without PDL: ``pdl_keeps_balance``); the
-    activation quantizer before the ring; the decode, half2 and ``W @ x^T`` kernels with split-K."""
+    activation quantizer before the ring; the decode, half2 and ``W @ x^T`` kernels and the register-operand wgmma kernel
+    (also after the quantizer) with split-K."""
     from kernels import pdl
 
     g = gen("pdl", bits, m, act_bits)
