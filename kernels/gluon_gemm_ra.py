@@ -50,7 +50,7 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
 from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load
-from .gluon_stream import _along
+from .gluon_stream import along
 from .grid import GROUP_SIZE
 from .pdl import launch_dependents, pdl_for, wait_prior_grid
 from .triton_common import e4m3_scaled, store_scaled
@@ -162,7 +162,7 @@ def _consume(x_bufs, code_bufs, scale_bufs, zero_bufs, ready, empty, n_local, on
     L4: gl.constexpr = operand_layout(ROWS, BK, P, W)
     mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[W, 1], instr_shape=[16, T, 16])
     dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=2)
-    sel = _lane_selector(_along(32 // P, 3, 4, L4), P).to(gl.uint32)
+    sel = _lane_selector(along(32 // P, 3, 4, L4), P).to(gl.uint32)
     one = gl.full([ROWS, GS, P, 32 // P], one_v, gl.uint32, L4)
     centre = gl.full([ROWS, GS, P, 32 // P], minus_centre(0, P, BF16), gl.uint32, L4)
     acc = gl.zeros([ROWS, T], gl.float32, mma)

@@ -77,7 +77,7 @@ def _axis_layout(layout, rank, dim):
 
 
 @gluon.jit
-def _along(n: gl.constexpr, dim: gl.constexpr, rank: gl.constexpr, layout: gl.constexpr):
+def along(n: gl.constexpr, dim: gl.constexpr, rank: gl.constexpr, layout: gl.constexpr):
     """``arange(n)`` along axis ``dim`` of a rank-``rank`` tensor in ``layout`` (size 1 on the other axes)."""
     v = gl.arange(0, n, layout=_axis_layout(layout, rank, dim))
     for d in gl.static_range(rank):
@@ -111,10 +111,10 @@ def _load_x(x_ptr, stride_xm, M, Kq, chunk, T: gl.constexpr, NSUB: gl.constexpr,
     HALF: gl.constexpr = 16 // P
     PB: gl.constexpr = 8 // P
     LP: gl.constexpr = _prep_layout(P, GS, gl.num_warps())
-    row = _along(T * NSUB, 0, 5, LP)
-    g = chunk * NSUB * GS + (row % NSUB) * GS + _along(GS, 1, 5, LP)
-    slot = _along(HALF, 4, 5, LP)
-    within = _along(P, 2, 5, LP) * (2 * HALF) + (slot // PB) * (2 * PB) + _along(2, 3, 5, LP) * PB + slot % PB
+    row = along(T * NSUB, 0, 5, LP)
+    g = chunk * NSUB * GS + (row % NSUB) * GS + along(GS, 1, 5, LP)
+    slot = along(HALF, 4, 5, LP)
+    within = along(P, 2, 5, LP) * (2 * HALF) + (slot // PB) * (2 * PB) + along(2, 3, 5, LP) * PB + slot % PB
     token = row // NSUB
     return gl.load(x_ptr + token * stride_xm + g * GROUP + within, mask=(g * GROUP < Kq) & (token < M), other=0.0)
 
