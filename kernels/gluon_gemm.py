@@ -296,6 +296,14 @@ def tma_descriptor(t: torch.Tensor, block: list[int], swizzled: bool) -> TensorD
     return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block, layout)
 
 
+def tma_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x`` itself if TMA can read its rows (unit stride along them, rows and start 16-byte aligned), else a
+    contiguous copy."""
+    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
+        return x.clone(memory_format=torch.contiguous_format)
+    return x
+
+
 def launch_gemm_ws(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                    row_scale: torch.Tensor, token_scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                    col_mult: float, zoff: float, zmul: float, block_m: int, block_n: int, block_k: int, stages: int,
@@ -313,8 +321,7 @@ def launch_gemm_ws(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
                          f"{block_m}, {block_n}, {block_k}, {stages} ({smem} bytes)")
     m, kq = x.shape
     n = scales.shape[0]
-    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)  # TMA reads 16-byte aligned rows
+    x = tma_rows(x)
     su8 = scales.view(torch.uint8)
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n), )
     gemm_ws_kernel[grid](tma_descriptor(x, [block_m, block_k], True),

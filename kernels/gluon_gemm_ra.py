@@ -49,7 +49,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
-from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load
+from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load, tma_rows
 from .gluon_stream import along
 from .grid import GROUP_SIZE
 from .pdl import launch_dependents, pdl_for, wait_prior_grid
@@ -334,8 +334,7 @@ def launch_gemm_ra(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     if block_m not in RA_TOKENS or stages < 2 or smem > SMEM_BYTES:
         raise ValueError(f"gemm_ra takes block_m in {RA_TOKENS}, at least 2 stages and at most {SMEM_BYTES} bytes of "
                          f"slots; got {block_m}, {stages} ({smem} bytes)")
-    if x.stride(1) != 1 or (x.stride(0) * x.element_size()) % 16 or x.data_ptr() % 16:
-        x = x.clone(memory_format=torch.contiguous_format)  # TMA reads 16-byte aligned rows
+    x = tma_rows(x)
     n_steps = triton.cdiv(kq, RA_STEP_K)
     per_split = triton.cdiv(n_steps, split_k)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), triton.cdiv(n_steps, per_split))

@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
-from .gluon_gemm_ra import launch_gemm_ra, ra_supported
+from .gluon_gemm_ra import RA_ROWS, launch_gemm_ra, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
 from .gluon_stream import launch_gemv_tma, stream_gemv_supported
 from .grid import GROUP_SIZE, padded_width
@@ -371,8 +371,10 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
 
 def _ra_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
     """``y = x @ W_b^T`` with the dequantized weights as wgmma's register operand (:mod:`kernels.gluon_gemm_ra`)."""
+    if cfg.block_n != RA_ROWS:
+        raise ValueError(f"gemm_ra runs {RA_ROWS} weight rows per program (block_n {RA_ROWS}), got {cfg.block_n}")
     n, g = scales.shape
-    tiles = triton.cdiv(n, cfg.block_n) * triton.cdiv(x.shape[0], cfg.block_m)
+    tiles = triton.cdiv(n, RA_ROWS) * triton.cdiv(x.shape[0], cfg.block_m)
     split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)
     return launch_gemm_ra(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
                           *gluon_scale_args(bits, master_bits, g * GROUP_SIZE), cfg.block_m, cfg.num_stages, split_k,

@@ -52,5 +52,6 @@ def main() -> None:
         gluon_stream.gemv_tma_kernel = rec.fn
     gluon_loop_report(rec.launch, bk * bn // (32 * warps), a.m, ("SETMAXREG", "EXIT", "F2I"), a.dump)
 
+
 if __name__ == "__main__":
     main()

@@ -226,7 +226,7 @@ else:
         assert ra_split(4096, 14336, 1, 132) == 8  # the same tiles, 28 steps each
         assert ra_split(14336, 4096, 1, 132) == 2  # 224 row tiles: 448 programs
         assert ra_split(8192, 8192, 2, 132) == 2  # two token tiles: 512 programs
-        assert ra_split(4096, 1024, 1, 132) == 2  # 16 steps: a third split would leave 4 per program
+        assert ra_split(4096, 1024, 1, 132) == 2  # 16 steps: four splits would leave 4 per program
 
     @pytest.mark.parametrize("bits", [2, 4])
     def test_warp_specialized_operands_carry_the_zero_points(bits):
