@@ -288,12 +288,13 @@ def zero_terms(scales: torch.Tensor, zeros: torch.Tensor, zoff: float, zmul: flo
 
 
 def tma_descriptor(t: torch.Tensor, block: list[int], swizzled: bool) -> TensorDescriptor:
-    """A TMA descriptor of the 2-D tensor ``t`` (rows 16-byte aligned, unit stride along them) in ``block`` tiles:
-    swizzled for wgmma operands, plain for the codes and scale bytes that the producer reads."""
+    """A TMA descriptor of the tensor ``t`` (unit stride along its last axis, the others' strides 16-byte aligned)
+    in ``block`` tiles: swizzled for wgmma operands (2-D), plain for the codes and scale bytes that the consumers
+    read."""
     dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32, torch.uint8: gl.uint8}
     layout = (gl.NVMMASharedLayout.get_default_for(block, dtype[t.dtype]) if swizzled else
-              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(), rank=2))
-    return TensorDescriptor(t, list(t.shape), [t.stride(0), 1], block, layout)
+              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(), rank=t.dim()))
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 def tma_rows(x: torch.Tensor) -> torch.Tensor:

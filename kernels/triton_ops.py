@@ -28,7 +28,7 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
-from .gluon_gemm_ra import RA_ROWS, launch_gemm_ra, ra_supported
+from .gluon_gemm_ra import RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
 from .gluon_stream import launch_gemv_tma, stream_gemv_supported
 from .grid import GROUP_SIZE, padded_width
@@ -78,8 +78,9 @@ class Config:
     it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
     the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
     tokens, never the rule's; 2- and 4-bit weights, 16-bit inputs, Hopper): the dequantized weights as wgmma's register
-    operand, block_m the tokens per program (16, 32, 64 or 128: wgmma's N), block_n 64 weight rows, block_k 64,
-    ``num_warps`` 4 consumer warps (one more issues the copies), ``num_stages`` slots; calls it does not take
+    operand on activations put in its K order by one pass per call, block_m the tokens per program (16, 32, 64 or
+    128: wgmma's N), block_n 64 weight rows, block_k 128 (K per step), ``num_warps`` 4 consumer warps (one more
+    issues the copies), ``num_stages`` slots; calls it does not take
     (:func:`~kernels.gluon_gemm_ra.ra_supported`) run the rule's kernel for the shape.
     """
 
@@ -371,8 +372,9 @@ def _ws_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bi
 
 def _ra_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
     """``y = x @ W_b^T`` with the dequantized weights as wgmma's register operand (:mod:`kernels.gluon_gemm_ra`)."""
-    if cfg.block_n != RA_ROWS:
-        raise ValueError(f"gemm_ra runs {RA_ROWS} weight rows per program (block_n {RA_ROWS}), got {cfg.block_n}")
+    if (cfg.block_n, cfg.block_k) != (RA_ROWS, RA_STEP_K):
+        raise ValueError(f"gemm_ra runs {RA_ROWS} weight rows per program in steps of {RA_STEP_K} columns (block_n "
+                         f"{RA_ROWS}, block_k {RA_STEP_K}), got {cfg.block_n}, {cfg.block_k}")
     n, g = scales.shape
     tiles = triton.cdiv(n, RA_ROWS) * triton.cdiv(x.shape[0], cfg.block_m)
     split_k, ws, cnt = _split_buffers(tiles, cfg, x.device)

@@ -115,7 +115,8 @@ def gluon_loop_report(launch: Launch, codes: int, tokens: int, skip: tuple[str, 
 
     compiled = compile_sm90(launch, GluonASTSource)
     cubin = compiled.asm["cubin"]
-    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(cubin, "-res-usage")))
+    print(re.findall(r"(REG|STACK|LOCAL|SHARED):(\d+)", cuobjdump_of(cubin, "-res-usage")),
+          f"dynamic shared memory {compiled.metadata.shared} bytes")
     sass = cuobjdump_of(cubin, "-sass")
     if dump:
         dump.write_text(sass)

@@ -22,7 +22,7 @@ else:
 
     from kernels.actquant import dequantize_activations, quantize_activations
     from kernels.gluon_gemm import group_means, zero_terms
-    from kernels.gluon_gemm_ra import launch_gemm_ra, ra_split
+    from kernels.gluon_gemm_ra import launch_gemm_ra, launch_ra_order, ra_order, ra_programs, ra_split
     from kernels.gluon_stream import launch_gemv_tma
     from kernels.grid import affine_params, dequantize, slice_codes
     from kernels.ops import pack_linear
@@ -209,7 +209,7 @@ else:
         lay = layer(2, seed=26)
         for m in (3, 20):
             x = torch.randn(m, K, dtype=torch.bfloat16)
-            out = run(x, lay, Config("gemm_ra", 32, 64, 64, num_warps=4, num_stages=5), torch.bfloat16)
+            out = run(x, lay, Config("gemm_ra", 32, 64, 128, num_warps=4, num_stages=5), torch.bfloat16)
             rule = triton_ops.default_config(2, m, lay.out_features, 128)
             assert torch.equal(out, run(x, lay, rule, torch.bfloat16))
             assert rel_err(out, linear_wa16(x.double(), lay.to_quantized_weight(), 2)) < TOL[torch.bfloat16]
@@ -219,14 +219,55 @@ else:
                                lay.row_scale, None, None, 2, 1.0, 1.5, 1.0, tokens, stages, 1, torch.empty(1),
                                torch.zeros(1, dtype=torch.int32), torch.empty(tokens, lay.out_features))
 
+    def test_register_operand_programs_per_sm_follow_the_waves():
+        """Three programs per SM (fewer registers) only where their rings fit, at most 64 tokens, and the grid then
+        needs fewer waves than at two per SM."""
+        assert ra_programs(344, 132, 16, 5, 2) == 3  # one wave of three instead of two of two
+        assert ra_programs(1024, 132, 32, 5, 4) == 3  # three waves instead of four
+        assert ra_programs(256, 132, 16, 5, 2) == 2  # one wave of two: three would leave SMs idle
+        assert ra_programs(512, 132, 16, 5, 2) == 2  # two waves either way
+        assert ra_programs(1024, 132, 128, 2, 2) == 2  # the accumulator of 128 tokens needs the registers
+        assert ra_programs(1024, 132, 64, 5, 2) == 2  # three rings of five 64-token slots do not fit
+
     def test_register_operand_split_fills_the_sms_with_long_enough_splits():
         """Split-K of the register-operand kernel: the fewest power-of-two splits that give 132 SMs two programs of 64
-        rows each, while each split keeps at least eight 64-K steps."""
-        assert ra_split(4096, 4096, 1, 132) == 8  # 64 row tiles: 512 programs of 8 steps
-        assert ra_split(4096, 14336, 1, 132) == 8  # the same tiles, 28 steps each
+        rows each, while each split keeps at least 512 columns (four 128-K steps)."""
+        assert ra_split(4096, 4096, 1, 132) == 8  # 64 row tiles: 512 programs of 4 steps
+        assert ra_split(4096, 14336, 1, 132) == 8  # the same tiles, 14 steps each
         assert ra_split(14336, 4096, 1, 132) == 2  # 224 row tiles: 448 programs
         assert ra_split(8192, 8192, 2, 132) == 2  # two token tiles: 512 programs
-        assert ra_split(4096, 1024, 1, 132) == 2  # 16 steps: four splits would leave 4 per program
+        assert ra_split(4096, 1024, 1, 132) == 2  # 8 steps: four splits would leave 2 per program
+
+    def test_register_operand_order_gives_each_lane_its_group():
+        """:func:`ra_order` moves group ``c`` of each 128-column block to the K positions wgmma's A operand gives lane
+        ``c`` of a quad (``(k % 8) // 2 == c``), column ``16 W + 8 h + 2 t + u`` of the group to the position ``64 W
+        + 16 t + 8 u + 2 c + h`` (the halves of a W2 word shifted by ``4 t``, bits ``2 u``), pads to whole blocks with
+        zeros, and keeps every dot product."""
+        kq = 352  # two whole blocks and one of three groups
+        order = ra_order(torch.arange(1, kq + 1, dtype=torch.float64)[None])[0].long() - 1
+        assert order.shape == (384,)
+        pos = torch.arange(384)
+        lane, half, chunk, reg, h = (pos % 8) // 2, (pos % 128) // 64, (pos // 16) % 4, (pos // 8) % 2, pos % 2
+        kept = order >= 0  # the padding: lane 3's positions of the last block
+        assert torch.equal(kept, (pos < 256) | (lane < 3)) and torch.equal(order[kept].sort().values, torch.arange(kq))
+        src = order[kept]
+        assert torch.equal(src // 32, ((pos // 128) * 4 + lane)[kept])
+        assert torch.equal(src % 32, (16 * half + 8 * h + 2 * chunk + reg)[kept])
+        g = torch.Generator().manual_seed(31)
+        x = torch.randn(5, kq, generator=g, dtype=torch.float64)
+        w = torch.randn(7, kq, generator=g, dtype=torch.float64)
+        assert torch.allclose(ra_order(x) @ ra_order(w).T, x @ w.T)
+
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    def test_register_operand_order_pass_matches_its_reference(dtype):
+        """The order pass (Triton) writes :func:`ra_order` exactly, on whole and partial blocks, rows of a strided
+        input and a transposed one."""
+        g = torch.Generator().manual_seed(32)
+        for m, kq in ((3, 128), (2, 352), (1, 2080)):
+            x = torch.randn(m, kq + 32, generator=g).to(dtype)[:, :kq]
+            assert torch.equal(launch_ra_order(x), ra_order(x))
+        xt = torch.randn(96, 5, generator=g).to(dtype).t()
+        assert torch.equal(launch_ra_order(xt), ra_order(xt))
 
     @pytest.mark.parametrize("bits", [2, 4])
     def test_warp_specialized_operands_carry_the_zero_points(bits):

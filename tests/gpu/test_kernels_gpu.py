@@ -17,6 +17,7 @@ import torch
 from kernels.actquant import dequantize_activations, quantize_activations
 from kernels.bench import MS, SHAPES, WS_TILES
 from kernels.gluon_gemm import WARPS as WS_WARPS
+from kernels.gluon_gemm_ra import launch_ra_order, ra_order
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
@@ -180,7 +181,7 @@ def test_gemm_ra(bits, dtype, tokens, stages, split):
     """The register-operand wgmma kernel on programs of 16..128 tokens: token counts in one and several token tiles
     (partial ones), partial weight-row tiles (N = 4000), a last step past Kq (K = 1056), split counts that do not
     divide the steps, 2..5 slots, token scales and bias; split channels fall back to the other kernels."""
-    cfg = Config("gemm_ra", tokens, 64, 64, split_k=split, num_warps=4, num_stages=stages)
+    cfg = Config("gemm_ra", tokens, 64, 128, split_k=split, num_warps=4, num_stages=stages)
     for k, n in ((4096, 4000), (1056, 1024)):
         layer = make_layer(k, n, bits, gen("ra", k, n, bits))
         for m in sorted({1, tokens - 1, tokens, tokens + 3, 2 * tokens + 1}):
@@ -190,6 +191,14 @@ def test_gemm_ra(bits, dtype, tokens, stages, split):
     check_wa16(make_layer(4096, 1024, bits, gen("ra-split", bits), idx), tokens, dtype, gen("ra-split", 1), cfg)
 
 
+def test_ra_order_pass_matches_its_reference():
+    """The register-operand kernel's activation order (a Triton pass) on the GPU, exactly as the torch reference."""
+    g = gen("ra-order")
+    for m, kq in ((1, 4096), (37, 1056), (256, 28672)):
+        x = torch.randn(m, kq, device="cuda", generator=g).to(torch.bfloat16)
+        assert torch.equal(launch_ra_order(x), ra_order(x))
+
+
 @hopper
 def test_gemm_ra_many_programs_repeated():
     """896 programs of 64 tokens on 8192 x 28672 (two per SM, several waves), 3 slots for 128 steps, 20 calls with
@@ -197,7 +206,7 @@ def test_gemm_ra_many_programs_repeated():
     k, n = 8192, 28672
     layer = make_layer(k, n, 2, gen("ra-many"))
     w = dequantize(layer.to_quantized_weight(), 2, dtype=torch.float64)
-    cfg = Config("gemm_ra", 64, 64, 64, num_warps=4, num_stages=3)
+    cfg = Config("gemm_ra", 64, 64, 128, num_warps=4, num_stages=3)
     g = gen("ra-many-x")
     for call in range(20):
         x = torch.randn(128, k, device="cuda", generator=g).to(torch.bfloat16)
@@ -307,8 +316,8 @@ def test_cuda_graph_and_torch_compile():
     (2, 8, None, Config("gemv_mma", 8, 32, 128, split_k=4, num_warps=4)),
     (4, 3, None, Config("gemv_h2", 4, 128, 2, split_k=4, num_warps=1)),
     (2, 16, None, Config("gemm_t", 16, 64, 64, split_k=4, num_warps=4, num_stages=3)),
-    (2, 64, None, Config("gemm_ra", 64, 64, 64, split_k=4, num_warps=4, num_stages=5)),
-    (4, 32, 4, Config("gemm_ra", 32, 64, 64, split_k=2, num_warps=4, num_stages=3)),
+    (2, 64, None, Config("gemm_ra", 64, 64, 128, split_k=4, num_warps=4, num_stages=5)),
+    (4, 32, 4, Config("gemm_ra", 32, 64, 128, split_k=2, num_warps=4, num_stages=3)),
     (2, 2, 4, None)])
 def test_pdl_chain_matches_launches_without_it(bits, m, act_bits, config):
     """Four layers back to back, each reading the previous one's output, launched with programmatic dependent launch
