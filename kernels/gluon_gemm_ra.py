@@ -393,15 +393,19 @@ def ra_slot_bytes(block_m: int, bits: int, act_bytes: int = 2) -> int:
     return block_m * RA_STEP_K * act_bytes + RA_ROWS * RA_STEP_K * bits // 8 + 2 * RA_ROWS * QUAD
 
 
+def ra_rings_fit(programs: int, block_m: int, stages: int, bits: int, act_bytes: int = 2) -> bool:
+    """Whether ``programs`` programs' rings of ``stages`` slots fit in one SM's shared memory."""
+    return programs * (stages * ra_slot_bytes(block_m, bits, act_bytes) + PROGRAM_SHARED) <= SM_SHARED
+
+
 def ra_programs(programs: int, sms: int, block_m: int, stages: int, bits: int, act_bytes: int = 2) -> int:
     """Programs per SM a launch of ``programs`` is sized for (its registers, :data:`PROGRAM_REGS`): three where their
     rings fit in shared memory, the accumulator leaves room (at most 64 tokens) and the grid then runs in fewer
     waves, else two. (The H200 A/B, docs/BENCHMARKS.md session 22: a grid that fits one wave of two per SM took up
     to 1.33x as long at three, the GPU packing three programs on some SMs and leaving others idle; one that needs
     fewer waves of three ran up to 1.48x faster.)"""
-    ring = stages * ra_slot_bytes(block_m, bits, act_bytes) + PROGRAM_SHARED
     fewer_waves = triton.cdiv(programs, 3 * sms) < triton.cdiv(programs, 2 * sms)
-    return 3 if block_m <= 64 and 3 * ring <= SM_SHARED and fewer_waves else 2
+    return 3 if block_m <= 64 and ra_rings_fit(3, block_m, stages, bits, act_bytes) and fewer_waves else 2
 
 
 def launch_gemm_ra(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

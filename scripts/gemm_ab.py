@@ -30,8 +30,7 @@ from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_
                            make_layers, parse_shapes, stream_configs, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.gluon_gemv import MAX_TOKENS, token_rows  # noqa: E402
-from kernels.gluon_gemm import SMEM_BYTES  # noqa: E402
-from kernels.gluon_gemm_ra import RA_BITS, RA_STEP_K, RA_TOKENS, ra_slot_bytes, ra_split  # noqa: E402
+from kernels.gluon_gemm_ra import RA_BITS, RA_STEP_K, RA_TOKENS, ra_rings_fit, ra_split  # noqa: E402
 from kernels.triton_ops import Config, choose_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
 
@@ -51,13 +50,14 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
 
 def ra_grid(m: int, n: int, kq: int) -> list[Config]:
     """The register-operand wgmma kernel's configurations (16..256 tokens): programs of ``min(128, M rounded up to a
-    power of two)`` tokens, the two deepest rings of 2, 3 or 5 slots that leave room for two programs per SM,
-    :func:`~kernels.gluon_gemm_ra.ra_split` halved, as is and doubled."""
+    power of two)`` tokens, the two deepest rings of 2, 3 or 5 slots of which two fit on an SM
+    (:func:`~kernels.gluon_gemm_ra.ra_rings_fit`), :func:`~kernels.gluon_gemm_ra.ra_split` halved, as is and
+    doubled."""
     if not 16 <= m <= 256:
         return []
     tokens = min(max(RA_TOKENS[0], triton.next_power_of_2(m)), RA_TOKENS[-1])
     split = ra_split(n, kq, triton.cdiv(m, tokens), SMS)
-    stages = [st for st in (2, 3, 5) if 2 * st * ra_slot_bytes(tokens, max(RA_BITS)) <= SMEM_BYTES][-2:]
+    stages = [st for st in (2, 3, 5) if ra_rings_fit(2, tokens, st, max(RA_BITS))][-2:]
     return [Config("gemm_ra", tokens, 64, RA_STEP_K, split_k=s, num_warps=4, num_stages=st) for st in stages
             for s in sorted({max(split // 2, 1), split, 2 * split})]
 
