@@ -82,6 +82,7 @@ PROGRAM_REGS = {3: 80, 2: 128}
 SM_SHARED = 228 * 1024  # shared memory of a Hopper SM
 PROGRAM_SHARED = 3 * 1024  # per program beside its ring: 1 KB reserved, 1 KB static, barriers (with room to spare)
 ORDER_BLOCK = 1024  # columns per program of the order pass
+RA_THREE_MIN_STEPS = 24  # ra_plan: steps per split below which 64-token programs run two per SM (H200 A/B)
 
 
 def ra_order(x: torch.Tensor) -> torch.Tensor:
@@ -379,13 +380,43 @@ def ra_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch
             and torch.cuda.get_device_capability(x.device)[0] == 9)
 
 
-def ra_split(n: int, kq: int, token_tiles: int, sms: int) -> int:
-    """Split-K of a launch: the fewest splits (a power of two) that give every SM two programs, each split at least
-    512 columns (four steps)."""
+def ra_split(n: int, kq: int, token_tiles: int, sms: int, per_sm: int = 2) -> int:
+    """Split-K of a launch: the most splits (a power of two) that keep the grid within ``per_sm`` programs per SM, each
+    split at least 512 columns (four steps)."""
     split = 1
-    while triton.cdiv(n, RA_ROWS) * token_tiles * split < 2 * sms and kq // (RA_STEP_K * 2 * split) >= 4:
+    while (triton.cdiv(n, RA_ROWS) * token_tiles * 2 * split <= per_sm * sms
+           and kq // (RA_STEP_K * 2 * split) >= 4):
         split *= 2
     return split
+
+
+def ra_ring_depths(block_m: int, bits: int, act_bytes: int = 2) -> list[int]:
+    """The ring depths (of 2, 3 and 5 slots) at which two programs' rings fit on an SM, shallowest first."""
+    return [stages for stages in (2, 3, 5) if ra_rings_fit(2, block_m, stages, bits, act_bytes)]
+
+
+def ra_plan(m: int, n: int, kq: int, bits: int, sms: int) -> tuple[int, int, int]:
+    """``(block_m, split_k, stages)`` of a launch the table does not tune: ``m`` rounded up to a power of two tokens
+    (16..128); as many splits as keep the grid within three programs per SM where three can run (at most 64 tokens,
+    three rings fit at some depth: :func:`ra_programs`), else two (:func:`ra_split`); the deepest ring at which the
+    grid runs in the fewest waves. At 64 tokens three programs share an SM only on the 3-slot ring, which pays where
+    each split keeps :data:`RA_THREE_MIN_STEPS` steps; shorter splits take the two-per-SM split. (Fitted on the H200,
+    docs/BENCHMARKS.md session 23: the split and depth of 68 of the 73 tuned entries; on 80 cells of eight other
+    shapes timed with a grid of splits and depths, within 0.2 % of the grid's best on geometric mean, at worst 1.05x
+    its time.)"""
+    tokens = min(max(RA_TOKENS[0], triton.next_power_of_2(m)), RA_TOKENS[-1])
+    token_tiles = triton.cdiv(m, tokens)
+    depths = ra_ring_depths(tokens, bits)
+    three = tokens <= 64 and any(ra_rings_fit(3, tokens, d, bits) for d in depths)
+    split = ra_split(n, kq, token_tiles, sms, 3 if three else 2)
+    if three and tokens == 64 and triton.cdiv(kq, RA_STEP_K * split) < RA_THREE_MIN_STEPS:
+        split = ra_split(n, kq, token_tiles, sms, 2)
+    programs = triton.cdiv(n, RA_ROWS) * token_tiles * split
+
+    def waves(depth: int) -> int:
+        return triton.cdiv(programs, ra_programs(programs, sms, tokens, depth, bits) * sms)
+
+    return tokens, split, min(depths, key=lambda d: (waves(d), -d))
 
 
 def ra_slot_bytes(block_m: int, bits: int, act_bytes: int = 2) -> int:

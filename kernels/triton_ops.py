@@ -12,7 +12,8 @@ Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile
 
 Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
 on the H200 (``kernels/triton_table.json``, written by ``python -m kernels.bench --tune``) and a
-rule for shapes it does not list. Nothing is autotuned at call time, so graph capture is safe.
+rule for shapes it does not list (the Hopper kernels by :func:`hopper_config`, the others by
+:func:`default_config`). Nothing is autotuned at call time, so graph capture is safe.
 Split-K launches reduce in-kernel through a per-device counter buffer that is allocated on the
 first call (before any capture) and left zeroed by every launch; calls on one device must not
 run concurrently on several streams.
@@ -28,9 +29,9 @@ import torch
 import triton
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
-from .gluon_gemm_ra import RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_supported
+from .gluon_gemm_ra import RA_BITS, RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_plan, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
-from .gluon_stream import launch_gemv_tma, stream_gemv_supported
+from .gluon_stream import STREAM_BITS, launch_gemv_tma, stream_gemv_supported, stream_tokens
 from .grid import GROUP_SIZE, padded_width
 from .packing import plane_widths
 from .pdl import pdl_for
@@ -51,6 +52,8 @@ MMA_RULE_TOKENS = range(3, 17)  # token counts the rule gives the tensor-core de
 # tokens within 1.2 % of the best configuration timed on geometric mean, at worst 4.9 %)
 MMA_WARPS_PER_SM = 16
 MMA_MAX_ROWS = 8
+RA_RULE_TOKENS = range(9, 257)  # token counts the Hopper rule gives the register-operand kernel (the table's 16..256)
+STREAM_RULE_PROGRAMS = 160  # the Hopper rule's ring GEMV: the widest column tile that still makes this many programs
 
 
 @dataclass(frozen=True)
@@ -72,12 +75,14 @@ class Config:
     shapes at 2..16): ``mma.sync`` on ``q c`` pairs built in registers, block_m the tokens computed (8 or 16),
     block_n the channels per program (a multiple of 32), ``num_warps * 32 / block_n`` rows of warps along K, block_k
     128; calls it does not take (:func:`~kernels.gluon_gemv.mma_gemv_supported`) run the rule's other kernels.
-    ``"gemv_tma"`` (:mod:`kernels.gluon_stream`; 1..4 tokens, 2- and 4-bit weights, Hopper): whole output columns per
+    ``"gemv_tma"`` (:mod:`kernels.gluon_stream`; 1..4 tokens, 2- and 4-bit weights, Hopper; the table's choice at one
+    and two tokens, and :func:`hopper_config`'s for shapes it does not list): whole output columns per
     program fed by a TMA ring, block_m the tokens per program (1, 2 or 4), block_n 16, 32, 64 or 128 columns, block_k
     codes per step, ``num_warps`` consuming warps (one more issues the copies), ``num_stages`` steps in flight; calls
     it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
     the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
-    tokens, never the rule's; 2- and 4-bit weights, 16-bit inputs, Hopper): the dequantized weights as wgmma's register
+    tokens, and :func:`hopper_config`'s for shapes it does not list; 2- and 4-bit weights, 16-bit inputs, Hopper): the
+    dequantized weights as wgmma's register
     operand on activations put in its K order by one pass per call, block_m the tokens per program (16, 32, 64 or
     128: wgmma's N), block_n 64 weight rows, block_k 128 (K per step), ``num_warps`` 4 consumer warps (one more
     issues the copies), ``num_stages`` slots; calls it does not take
@@ -171,7 +176,8 @@ def gemv_mma_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Confi
 
 
 def default_config(bits: int, m: int, n: int, kq: int, mma: bool = True) -> Config:
-    """The rule for shapes the table does not list (fitted to the tuned H200 entries).
+    """The portable rule, for shapes the table does not list where :func:`hopper_config` names no kernel, and for
+    calls the Hopper kernels do not take (fitted to the tuned H200 entries).
 
     A GEMV (:func:`gemv_tile`) for one or two tokens, and for three or four at 2 and 4 bits (split
     along K by :func:`gemv_split`; the fp32 GEMV measured 0.45x of bf16 at M = 4 on the
@@ -206,9 +212,46 @@ def default_config(bits: int, m: int, n: int, kq: int, mma: bool = True) -> Conf
     return DENSE
 
 
+def stream_rule_config(m: int, n: int, kq: int, sms: int = 132) -> Config:
+    """The TMA-ring GEMV for one or two tokens on a shape the table does not list (the tile of 26 of its 33 tuned
+    entries): programs of 64 whole columns (512 codes per step) where that makes :data:`STREAM_RULE_PROGRAMS`
+    programs, else 32 columns (1024 codes), or 16 on rows of at most 8192 codes at one token; 8 consumer warps where
+    the programs are fewer than the SMs on longer rows, else 4; a ring of 4 steps at one token on rows past 4096
+    codes, else 2."""
+    if n // 64 >= STREAM_RULE_PROGRAMS:
+        bn = 64
+    elif n // 32 >= STREAM_RULE_PROGRAMS or kq > 8192 or m > 1:
+        bn = 32
+    else:
+        bn = 16
+    warps = 8 if triton.cdiv(n, bn) < sms and kq > 8192 else 4
+    return Config("gemv_tma", stream_tokens(m), bn, 512 if bn == 64 else 1024, num_warps=warps,
+                  num_stages=4 if m == 1 and kq > 4096 else 2)
+
+
+def ra_rule_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Config:
+    """The register-operand wgmma kernel for 9..256 tokens on a shape the table does not list
+    (:func:`~kernels.gluon_gemm_ra.ra_plan`)."""
+    tokens, split, stages = ra_plan(m, n, kq, bits, sms)
+    return Config("gemm_ra", tokens, RA_ROWS, RA_STEP_K, split_k=split, num_warps=4, num_stages=stages)
+
+
+def hopper_config(bits: int, m: int, n: int, kq: int) -> Config | None:
+    """The Hopper kernels for a shape the table does not list, 2- and 4-bit weights: the TMA-ring GEMV at one and two
+    tokens (:func:`stream_rule_config`), the register-operand wgmma kernel at 9..256 (:func:`ra_rule_config`); None
+    for other calls, which take :func:`default_config`. A call these kernels do not take (another GPU, fp32 inputs,
+    split channels) runs :func:`default_config` too (:func:`launch_linear`)."""
+    if m <= 2 and bits in STREAM_BITS:
+        return stream_rule_config(m, n, kq)
+    if m in RA_RULE_TOKENS and bits in RA_BITS:
+        return ra_rule_config(bits, m, n, kq)
+    return None
+
+
 def choose_config(bits: int, m: int, n: int, kq: int) -> Config:
-    """The tuned configuration for this shape (quantized or 16-bit activations alike), else :func:`default_config`."""
-    return TABLE.get(table_key(bits, kq, n, m)) or default_config(bits, m, n, kq)
+    """The tuned configuration for this shape (quantized or 16-bit activations alike), else :func:`hopper_config`,
+    else :func:`default_config`."""
+    return TABLE.get(table_key(bits, kq, n, m)) or hopper_config(bits, m, n, kq) or default_config(bits, m, n, kq)
 
 
 def mma8_config(m: int, n: int, kq: int, sms: int = 132) -> Config:

@@ -2,8 +2,10 @@
 
 For every weight width, shape (K x N) and token count M it times, as ``kernels.bench`` times
 (CUDA-graph replays over enough weight copies that L2 does not help), bf16 ``F.linear``, the
-configuration the dispatch picks today (``current``: table or rule) and a grid of tile
-configurations of both orientations (:func:`grid`), plus the dense path from 128 tokens on. Every
+configuration the dispatch picks today (``current``: table or rule), what the rule alone would pick (``rule``:
+:func:`~kernels.triton_ops.hopper_config`, else :func:`~kernels.triton_ops.default_config`; ``portable``: the latter
+alone, the rule off Hopper) and a grid of tile configurations of both orientations (:func:`grid`), plus the dense path
+from 128 tokens on. Every
 configuration is first checked once against the float64 reference op
 (``kernels.reference.linear_wa16``) into a NaN-poisoned output; ``rel_err`` must stay <= 1e-2.
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,8 +33,8 @@ from kernels.bench import (WS_TILES, WS_WARPS, bf16_calls, bf16_weights, copies_
                            make_layers, parse_shapes, stream_configs, time_kernel)
 from kernels.reference import linear_wa16  # noqa: E402
 from kernels.gluon_gemv import MAX_TOKENS, token_rows  # noqa: E402
-from kernels.gluon_gemm_ra import RA_BITS, RA_STEP_K, RA_TOKENS, ra_rings_fit, ra_split  # noqa: E402
-from kernels.triton_ops import Config, choose_config  # noqa: E402
+from kernels.gluon_gemm_ra import RA_BITS, ra_ring_depths  # noqa: E402
+from kernels.triton_ops import Config, choose_config, default_config, hopper_config, ra_rule_config  # noqa: E402
 from gemv_ab import run  # noqa: E402  (this script's folder is on sys.path when it runs)
 
 SHAPES = "8192x8192,4096x14336,28672x8192"
@@ -48,26 +51,23 @@ def split_for(tiles: int, kq: int, bk: int) -> int:
     return split
 
 
-def ra_grid(m: int, n: int, kq: int) -> list[Config]:
-    """The register-operand wgmma kernel's configurations (16..256 tokens): programs of ``min(128, M rounded up to a
-    power of two)`` tokens, the two deepest rings of 2, 3 or 5 slots of which two fit on an SM
-    (:func:`~kernels.gluon_gemm_ra.ra_rings_fit`), :func:`~kernels.gluon_gemm_ra.ra_split` halved, as is and
-    doubled."""
+def ra_grid(bits: int, m: int, n: int, kq: int) -> list[Config]:
+    """The register-operand wgmma kernel's configurations (16..256 tokens): the rule's
+    (:func:`~kernels.triton_ops.ra_rule_config`) with its split halved, as is and doubled, on the two deepest rings that
+    fit two programs per SM (:func:`~kernels.gluon_gemm_ra.ra_ring_depths`)."""
     if not 16 <= m <= 256:
         return []
-    tokens = min(max(RA_TOKENS[0], triton.next_power_of_2(m)), RA_TOKENS[-1])
-    split = ra_split(n, kq, triton.cdiv(m, tokens), SMS)
-    stages = [st for st in (2, 3, 5) if ra_rings_fit(2, tokens, st, max(RA_BITS))][-2:]
-    return [Config("gemm_ra", tokens, 64, RA_STEP_K, split_k=s, num_warps=4, num_stages=st) for st in stages
-            for s in sorted({max(split // 2, 1), split, 2 * split})]
+    rule = ra_rule_config(bits, m, n, kq, SMS)
+    return [replace(rule, split_k=s, num_stages=st) for st in ra_ring_depths(rule.block_m, max(RA_BITS))[-2:]
+            for s in sorted({max(rule.split_k // 2, 1), rule.split_k, 2 * rule.split_k})]
 
 
-def grid(m: int, n: int, kq: int) -> list[Config]:
+def grid(bits: int, m: int, n: int, kq: int) -> list[Config]:
     """Tile configurations to time: 1..4 tokens, the TMA-ring GEMV; few tokens, split-K tiles of both orientations
     (``gemm`` also with 64-row tiles, wgmma's A height); many tokens, the large tiles of both (``gemm_t`` up to 256
     tokens wide, without and with split-K), the warp-specialized tiles and the dense path; 16..256 tokens, the
     register-operand wgmma kernel (:func:`ra_grid`)."""
-    out = ra_grid(m, n, kq)
+    out = ra_grid(bits, m, n, kq)
     if m <= 4:  # the TMA-ring GEMV: whole columns per program, steps in flight
         out += stream_configs(m)
     if m <= MAX_TOKENS:  # the tensor-core decode kernel: 32 or 64 channels per program, 1..8 rows of warps along
@@ -117,7 +117,8 @@ def main() -> None:
     ap.add_argument("--ms", default=MS, help="token counts, comma-separated (default %(default)s)")
     ap.add_argument("--bits", default="2", help="weight widths, comma-separated (default %(default)s)")
     ap.add_argument("--kernels", default="current,gemm_t,gemm,gemm_ra,gemm_ws,dense",
-                    help="which of the grid's kernels to time, comma-separated (default %(default)s)")
+                    help="which of the grid's kernels (and of the labels current, rule, portable) to time, "
+                         "comma-separated (default %(default)s)")
     ap.add_argument("--out", type=Path, required=True, help="JSON records to write")
     args = ap.parse_args()
     start, records, failures = time.time(), [], 0
@@ -132,9 +133,11 @@ def main() -> None:
                                         trials=3, min_ms=5.0)
                 xc = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
                 ref = linear_wa16(xc.double(), layers[0].to_quantized_weight(), bits)
-                current = choose_config(bits, m, n, k)
+                named = [("current", choose_config(bits, m, n, k)),
+                         ("rule", hopper_config(bits, m, n, k) or default_config(bits, m, n, k)),
+                         ("portable", default_config(bits, m, n, k))]
                 labels = args.kernels.split(",")
-                for label, cfg in [(lab, c) for lab, c in [("current", current)] + [(c.kernel, c) for c in grid(m, n, k)]
+                for label, cfg in [(lab, c) for lab, c in named + [(c.kernel, c) for c in grid(bits, m, n, k)]
                                    if lab in labels]:
                     rec = dict(bits=bits, K=k, N=n, M=m, label=label, config=cfg.__dict__, bf16_us=round(bf16_us, 2))
                     try:
@@ -155,7 +158,7 @@ def main() -> None:
     for key in dict.fromkeys((r["bits"], r["K"], r["N"], r["M"]) for r in records):
         rows = [r for r in records if (r["bits"], r["K"], r["N"], r["M"]) == key and r["rel_err"] <= MAX_ERR]
         best = {lab: max((r for r in rows if r["label"] == lab), key=lambda r: r["speedup"], default=None)
-                for lab in ("current", "gemv_tma", "gemv_mma", "gemm_t", "gemm", "gemm_ra", "gemm_ws", "dense")}
+                for lab in ("current", "rule", "portable", "gemv_tma", "gemv_mma", "gemm_t", "gemm", "gemm_ra", "gemm_ws", "dense")}
         print(f"W{key[0]} {key[1]}x{key[2]} M={key[3]:4d}: " + "  ".join(
             f"{lab} {r['speedup']:.2f}x" for lab, r in best.items() if r))
     print(f"{len(records)} timings, {failures} failed checks, {time.time() - start:.0f} s")

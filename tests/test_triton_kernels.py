@@ -22,7 +22,7 @@ else:
 
     from kernels.actquant import dequantize_activations, quantize_activations
     from kernels.gluon_gemm import group_means, zero_terms
-    from kernels.gluon_gemm_ra import launch_gemm_ra, launch_ra_order, ra_order, ra_programs, ra_split
+    from kernels.gluon_gemm_ra import launch_gemm_ra, launch_ra_order, ra_order, ra_plan, ra_programs, ra_split
     from kernels.gluon_stream import launch_gemv_tma
     from kernels.grid import affine_params, dequantize, slice_codes
     from kernels.ops import pack_linear
@@ -230,13 +230,28 @@ else:
         assert ra_programs(1024, 132, 64, 5, 2) == 2  # three rings of five 64-token slots do not fit
 
     def test_register_operand_split_fills_the_sms_with_long_enough_splits():
-        """Split-K of the register-operand kernel: the fewest power-of-two splits that give 132 SMs two programs of 64
-        rows each, while each split keeps at least 512 columns (four 128-K steps)."""
-        assert ra_split(4096, 4096, 1, 132) == 8  # 64 row tiles: 512 programs of 4 steps
-        assert ra_split(4096, 14336, 1, 132) == 8  # the same tiles, 14 steps each
-        assert ra_split(14336, 4096, 1, 132) == 2  # 224 row tiles: 448 programs
-        assert ra_split(8192, 8192, 2, 132) == 2  # two token tiles: 512 programs
-        assert ra_split(4096, 1024, 1, 132) == 2  # 8 steps: four splits would leave 2 per program
+        """Split-K of the register-operand kernel: the most power-of-two splits that keep 64-row programs within two
+        (or three) per SM on 132 SMs, while each split keeps at least 512 columns (four 128-K steps)."""
+        assert ra_split(4096, 4096, 1, 132) == 4  # 64 row tiles: 256 programs of 8 steps
+        assert ra_split(4096, 14336, 1, 132) == 4  # the same tiles, 28 steps each
+        assert ra_split(8192, 8192, 1, 132) == 2  # 128 row tiles: 256 programs
+        assert ra_split(14336, 4096, 1, 132) == 1  # 224 row tiles
+        assert ra_split(8192, 8192, 2, 132) == 1  # two token tiles: 256 programs
+        assert ra_split(4096, 1024, 1, 132, 3) == 2  # 8 steps: four splits would leave 2 per program
+        assert ra_split(6144, 4096, 1, 132) == 2 and ra_split(6144, 4096, 1, 132, 3) == 4  # 192 or 384 programs
+
+    def test_register_operand_plan_for_untuned_shapes():
+        """:func:`ra_plan`: tokens rounded up to a power of two (at most 128, more in token tiles); up to three
+        programs per SM where three rings fit at 64 tokens or fewer (at 64, only where each split keeps 24 steps); the
+        deepest ring that runs the grid in the fewest waves (a shallower one where only it lets three programs share
+        an SM)."""
+        assert ra_plan(16, 5120, 5120, 2, 132) == (16, 4, 5)  # 80 row tiles: 320 programs, three per SM at depth 5
+        assert ra_plan(64, 5120, 13824, 2, 132) == (64, 4, 3)  # three per SM need the 3-slot ring at 64 tokens
+        assert ra_plan(64, 22016, 4096, 2, 132) == (64, 1, 3)  # 344 programs: one wave of three per SM
+        assert ra_plan(64, 6144, 4096, 2, 132) == (64, 2, 5)  # three per SM would leave splits of 8 steps
+        assert ra_plan(64, 8192, 8192, 2, 132) == (64, 2, 5)  # 256 programs: one wave of two, the deep ring
+        assert ra_plan(100, 4096, 11008, 4, 132) == (128, 4, 3)  # 128 tokens: two per SM
+        assert ra_plan(256, 8192, 8192, 2, 132) == (128, 1, 3)  # two token tiles
 
     def test_register_operand_order_gives_each_lane_its_group():
         """:func:`ra_order` moves group ``c`` of each 128-column block to the K positions wgmma's A operand gives lane
@@ -356,13 +371,14 @@ else:
     def test_rule_runs_the_half2_gemv_for_few_tokens(bits, m, monkeypatch):
         """Without a table entry, 2-bit weights up to 4 tokens and 4-bit ones at 3..4 tokens take the half2
         GEMV for 16-bit inputs and the fp32 GEMV for fp32 inputs (on the same tile, or on its own where the rule's
-        tile is a whole-column one, as at one token), both matching the reference. At 3..4 tokens the rule names
-        the tensor-core decode kernel, which needs a CUDA GPU: off it, the half2 GEMV is the fallback."""
+        tile is a whole-column one, as at one token), both matching the reference. The rule names the TMA-ring GEMV
+        at one and two tokens and the tensor-core decode kernel at 3..4, which need a (Hopper) GPU: off it, the half2
+        GEMV is the fallback."""
         lay = layer(bits, seed=60 + bits)
         n, kq = lay.out_features, lay.scales.shape[1] * 32
         assert triton_ops.table_key(bits, kq, n, m) not in triton_ops.TABLE
         cfg = triton_ops.choose_config(bits, m, n, kq)
-        assert cfg.kernel == ("gemv_mma" if m >= 3 else "gemv_h2")
+        assert cfg.kernel == ("gemv_mma" if m >= 3 else "gemv_tma")
         fallback = triton_ops.default_config(bits, m, n, kq, mma=False)
         assert fallback.kernel == "gemv_h2" and fallback.block_m >= m
         (h2_bf16, gemv_bf16), (h2_all, gemv_all) = dispatch_spied(lay, bits, m, monkeypatch)
@@ -383,6 +399,27 @@ else:
                 assert cfg == Config("gemv_mma", 8 if m <= 8 else 16, channels, 128, split_k=split, num_warps=warps)
         assert triton_ops.default_config(3, 5, 4096, 4096).kernel == "gemm_t"
         assert triton_ops.default_config(bits, 17, 4096, 4096).kernel == "gemm_t"
+
+    def test_hopper_rule_gives_untuned_shapes_the_ring_gemv_and_the_register_operand_kernel():
+        """A shape the table does not list (Llama-2-13B's 5120 x 13824) at 2 and 4 bits: the TMA-ring GEMV at one and
+        two tokens (64 whole columns per program: 216 programs), the decode kernel at 3..8, the register-operand kernel
+        at 9..256 (one split: 216 row tiles already fill the SMs; rings as deep as two programs per SM allow), the dense
+        path past 256; 3- and 8-bit weights keep the portable rule everywhere."""
+        k, n = 5120, 13824
+        for bits in (2, 4):
+            assert not any(key.startswith(f"w{bits}:{k}x{n}:") for key in triton_ops.TABLE)
+            assert triton_ops.choose_config(bits, 1, n, k) == Config("gemv_tma", 1, 64, 512, num_warps=4, num_stages=4)
+            assert triton_ops.choose_config(bits, 2, n, k) == Config("gemv_tma", 2, 64, 512, num_warps=4, num_stages=2)
+            for m in (3, 8):
+                assert triton_ops.choose_config(bits, m, n, k).kernel == "gemv_mma"
+            for m, tokens, stages in ((9, 16, 5), (64, 64, 5), (65, 128, 3), (256, 128, 3)):
+                assert triton_ops.choose_config(bits, m, n, k) == Config("gemm_ra", tokens, 64, 128, split_k=1,
+                                                                         num_warps=4, num_stages=stages)
+            assert triton_ops.choose_config(bits, 257, n, k) == triton_ops.DENSE
+        assert triton_ops.choose_config(2, 64, 4096, 5120).split_k == 4  # 64 row tiles: four splits of 10 steps
+        for bits in (3, 8):
+            for m in (1, 2, 16, 256):
+                assert triton_ops.choose_config(bits, m, n, k) == triton_ops.default_config(bits, m, n, k)
 
     @pytest.mark.parametrize("bits, m", [(2, 1), (2, 2), (4, 1), (4, 2)])
     def test_tuned_gemv_h2_entry_round_trips_and_dispatches(bits, m, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ from kernels.gluon_gemm_ra import launch_ra_order, ra_order
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
-from kernels.triton_ops import Config, launch_actquant, launch_linear, launch_linear_wa
+from kernels.triton_ops import TABLE, Config, launch_actquant, launch_linear, launch_linear_wa, table_key
 
 BF16, F16 = torch.bfloat16, torch.float16
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -189,6 +189,20 @@ def test_gemm_ra(bits, dtype, tokens, stages, split):
         check_token_scale_bias(layer, tokens - 3, dtype, cfg, "ra")
     idx = split_region_index(list(range(5, 4096, 61)), 4096, 32, segments=4)
     check_wa16(make_layer(4096, 1024, bits, gen("ra-split", bits), idx), tokens, dtype, gen("ra-split", 1), cfg)
+
+
+@hopper
+@pytest.mark.parametrize("bits, dtype", [(2, BF16), (4, F16)])
+def test_rule_on_shapes_the_table_does_not_list(bits, dtype):
+    """The dispatch's own choice where the table has no entry (the Hopper rule, ``hopper_config``) on Llama-3-8B's
+    fused QKV (4096 x 6144) and a partial shape (K = 1056, N = 4000) from one to 300 tokens: the ring GEMV, the
+    decode kernel, the register-operand kernel and the dense path, each against the float64 reference."""
+    ms = (1, 2, 5, 9, 16, 33, 100, 256, 300)
+    for k, n in ((4096, 6144), (1056, 4000)):
+        assert not any(table_key(bits, k, n, m) in TABLE for m in ms)
+        layer = make_layer(k, n, bits, gen("rule", k, n, bits))
+        for m in ms:
+            check_wa16(layer, m, dtype, gen("rule", k, n, bits, m))
 
 
 def test_ra_order_pass_matches_its_reference():
