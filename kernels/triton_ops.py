@@ -82,10 +82,9 @@ class Config:
     it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
     the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
     tokens, and :func:`hopper_config`'s for shapes it does not list; 2- and 4-bit weights, 16-bit inputs, Hopper): the
-    dequantized weights as wgmma's register
-    operand on activations put in its K order by one pass per call, block_m the tokens per program (16, 32, 64 or
-    128: wgmma's N), block_n 64 weight rows, block_k 128 (K per step), ``num_warps`` 4 consumer warps (one more
-    issues the copies), ``num_stages`` slots; calls it does not take
+    dequantized weights as wgmma's register operand on activations put in its K order by one pass per call, block_m
+    the tokens per program (16, 32, 64 or 128: wgmma's N), block_n 64 weight rows, block_k 128 (K per step),
+    ``num_warps`` 4 consumer warps (one more issues the copies), ``num_stages`` slots; calls it does not take
     (:func:`~kernels.gluon_gemm_ra.ra_supported`) run the rule's kernel for the shape.
     """
 
