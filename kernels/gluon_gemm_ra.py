@@ -407,7 +407,7 @@ def ra_plan(m: int, n: int, kq: int, bits: int, sms: int) -> tuple[int, int, int
     tokens = min(max(RA_TOKENS[0], triton.next_power_of_2(m)), RA_TOKENS[-1])
     token_tiles = triton.cdiv(m, tokens)
     depths = ra_ring_depths(tokens, bits)
-    three = tokens <= 64 and any(ra_rings_fit(3, tokens, d, bits) for d in depths)
+    three = any(three_fit(tokens, d, bits) for d in depths)
     split = ra_split(n, kq, token_tiles, sms, 3 if three else 2)
     if three and tokens == 64 and triton.cdiv(kq, RA_STEP_K * split) < RA_THREE_MIN_STEPS:
         split = ra_split(n, kq, token_tiles, sms, 2)
@@ -436,7 +436,13 @@ def ra_programs(programs: int, sms: int, block_m: int, stages: int, bits: int, a
     to 1.33x as long at three, the GPU packing three programs on some SMs and leaving others idle; one that needs
     fewer waves of three ran up to 1.48x faster.)"""
     fewer_waves = triton.cdiv(programs, 3 * sms) < triton.cdiv(programs, 2 * sms)
-    return 3 if block_m <= 64 and ra_rings_fit(3, block_m, stages, bits, act_bytes) and fewer_waves else 2
+    return 3 if three_fit(block_m, stages, bits, act_bytes) and fewer_waves else 2
+
+
+def three_fit(block_m: int, stages: int, bits: int, act_bytes: int = 2) -> bool:
+    """Whether three programs can share an SM: their accumulators leave room (at most 64 tokens) and their rings of
+    ``stages`` slots fit in shared memory."""
+    return block_m <= 64 and ra_rings_fit(3, block_m, stages, bits, act_bytes)
 
 
 def launch_gemm_ra(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
