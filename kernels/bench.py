@@ -49,7 +49,8 @@ from .gluon_gemv import MAX_TOKENS as MMA_MAX_TOKENS
 from .gluon_stream import stream_tokens
 from .grid import quantize_weight
 from .ops import PackedLinear, pack_linear
-from .pdl import pdl_for, release_next_grid, sm_count, wait_prior_grid_if
+from .device import sm_count
+from .pdl import pdl_for, release_next_grid, wait_prior_grid_if
 from .triton_actquant import actquant_kernel
 from .triton_gemm import gemm_kernel
 from .triton_gemv import gemv_kernel

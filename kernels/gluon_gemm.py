@@ -29,6 +29,8 @@ no interpreter: the kernel is tested on the GPU only (its two operand kernels, :
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
@@ -38,6 +40,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .device import compute_capability
 from .grid import GROUP_SIZE
 from .triton_common import e4m3_scaled, store_scaled
 from .triton_pairs import BF16_ONE, F16_ONE, high_halves, low_halves, pair_fma, splat
@@ -229,7 +232,7 @@ def ws_supported(bits: int, dtype: torch.dtype, packed: torch.Tensor, scales: to
     16-bit activations, K-major codes and scales (``kernels.ops.k_major``, which TMA copies as ``[K, N]`` tiles) with
     N a multiple of 16 (16-byte rows), on a Hopper GPU (wgmma, TMA, register reallocation)."""
     return (bits in (2, 4) and dtype in (torch.bfloat16, torch.float16) and packed.is_cuda
-            and torch.cuda.get_device_capability(packed.device)[0] == 9 and packed.stride(0) == 1
+            and compute_capability(packed.device)[0] == 9 and packed.stride(0) == 1
             and scales.stride(0) == 1 and packed.shape[0] % 16 == 0)
 
 
@@ -287,14 +290,21 @@ def zero_terms(scales: torch.Tensor, zeros: torch.Tensor, zoff: float, zmul: flo
     return out
 
 
+@lru_cache(maxsize=None)
+def _tma_layout(block: tuple[int, ...], dtype: torch.dtype, swizzled: bool) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a TMA block (cached: building one costs several µs of host time per call)."""
+    if swizzled:
+        gl_dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32,
+                    torch.uint8: gl.uint8}[dtype]
+        return gl.NVMMASharedLayout.get_default_for(list(block), gl_dtype)
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * dtype.itemsize, rank=len(block))
+
+
 def tma_descriptor(t: torch.Tensor, block: list[int], swizzled: bool) -> TensorDescriptor:
     """A TMA descriptor of the tensor ``t`` (unit stride along its last axis, the others' strides 16-byte aligned)
     in ``block`` tiles: swizzled for wgmma operands (2-D), plain for the codes and scale bytes that the consumers
     read."""
-    dtype = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.int32: gl.int32, torch.uint8: gl.uint8}
-    layout = (gl.NVMMASharedLayout.get_default_for(block, dtype[t.dtype]) if swizzled else
-              gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8 * t.element_size(), rank=t.dim()))
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, _tma_layout(tuple(block), t.dtype, swizzled))
 
 
 def tma_rows(x: torch.Tensor) -> torch.Tensor:

@@ -59,10 +59,11 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
 
+from .device import compute_capability, sm_count
 from .gluon_gemm import SMEM_BYTES, cta_barrier, tma_descriptor, tma_load
 from .gluon_stream import along
 from .grid import GROUP_SIZE
-from .pdl import launch_dependents, pdl_for, release_next_grid, sm_count, wait_prior_grid, wait_prior_grid_if
+from .pdl import launch_dependents, pdl_for, release_next_grid, wait_prior_grid, wait_prior_grid_if
 from .triton_common import e4m3_scaled, store_scaled
 from .triton_pairs import BF16_ONE, F16_ONE, minus_centre, splat
 
@@ -377,7 +378,7 @@ def ra_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales: torch
     16-byte rows (``N % 16 == 0``), 16-bit activations of the expanded width, on a Hopper GPU (wgmma, TMA)."""
     return (bits in RA_BITS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and not has_split
             and x.shape[1] == kq and packed.stride(0) == 1 and scales.stride(0) == 1 and scales.shape[0] % 16 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+            and compute_capability(x.device)[0] == 9)
 
 
 def ra_split(n: int, kq: int, token_tiles: int, sms: int, per_sm: int = 2) -> int:

@@ -45,6 +45,7 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from .device import compute_capability
 from .gluon_gemm import cta_barrier
 from .pdl import launch_dependents, pdl_for, wait_prior_grid
 from .triton_common import e4m3_scaled
@@ -490,7 +491,7 @@ def mma_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scales:
     return (bits in (2, 4) and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and not has_split
             and x.shape[0] <= MAX_TOKENS and x.shape[1] == kq and kq % (2 * STEP_K) == 0 and n % WARP_CHANNELS == 0
             and packed.stride(0) == 1 and scales.stride(0) == 1 and x.stride(1) == 1 and x.stride(0) % 8 == 0
-            and x.data_ptr() % 16 == 0 and torch.cuda.get_device_capability(x.device)[0] >= 8)
+            and x.data_ptr() % 16 == 0 and compute_capability(x.device)[0] >= 8)
 
 
 def launch_gemv_mma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

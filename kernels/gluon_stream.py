@@ -43,15 +43,18 @@ Gluon has no interpreter: tested on the GPU only.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier
 
+from .device import compute_capability, sm_count
 from .gluon_gemm import SMEM_BYTES, cta_barrier, reinterpret, tma_descriptor, tma_load
 from .grid import GROUP_SIZE
-from .pdl import launch_dependents, pdl_for, sm_count, wait_prior_grid
+from .pdl import launch_dependents, pdl_for, wait_prior_grid
 from .triton_common import e4m3_scaled, store_scaled
 
 STREAM_BITS = (2, 4)
@@ -338,6 +341,7 @@ def stream_tokens(m: int) -> int:
     return min(t for t in STREAM_TOKENS if t >= m)
 
 
+@lru_cache(maxsize=1024)
 def prep_chunk(kq: int, warps: int, tokens: int) -> int:
     """Groups per token and chunk of the activation preparation: a whole row up to :data:`CHUNK_GROUPS` groups (then
     one chunk, prepared token by token), else :data:`CHUNK_GROUPS` over all tokens; at least one group per consumer
@@ -368,7 +372,7 @@ def stream_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scal
     return (bits in STREAM_BITS and x.dtype in (torch.bfloat16, torch.float16) and x.is_cuda and not has_split
             and tokens in STREAM_TOKENS and x.shape[0] <= tokens and x.shape[1] == kq and x.stride(1) == 1
             and packed.stride(0) == 1 and scales.stride(0) == 1 and scales.shape[0] % 16 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+            and compute_capability(x.device)[0] == 9)
 
 
 def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

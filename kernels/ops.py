@@ -2,8 +2,8 @@
 
 ``pack_linear`` turns a layer's master codes into its serving form at one precision (the
 b-bit slice, packed; the master copy is no longer needed), and ``linear`` runs it: Triton
-kernels (``torch.ops.bitbybit.*``, :mod:`kernels.triton_ops`) on CUDA, the reference ops
-elsewhere.
+kernels (``torch.ops.bitbybit.*`` while torch.compile traces, the same functions directly in eager
+code: :func:`kernels.triton_ops.ops_for`) on CUDA, the reference ops elsewhere.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from .grid import GROUP_SIZE, QuantizedWeight, check_bits, slice_codes
 from .packing import pack_codes, unpack_to_master
 from .reference import linear_wa, linear_wa16
-from .triton_ops import BITBYBIT_OPS
+from .triton_ops import ops_for
 
 
 def k_major(t: torch.Tensor) -> torch.Tensor:
@@ -77,7 +77,7 @@ def linear(x: torch.Tensor, layer: PackedLinear, act_bits: int | None = None,
     if uses_triton(x, layer):
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-        ops = BITBYBIT_OPS
+        ops = ops_for(x)
         args = (layer.packed, layer.scales, layer.zeros, layer.row_scale)
         if not quantize_input:
             return ops.linear(x, *args, layer.split_index, None, bias, layer.bits, layer.master_bits,

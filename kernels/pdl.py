@@ -28,18 +28,15 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from .device import compute_capability
+
 ENABLED = os.environ.get("BITBYBIT_PDL", "1") != "0"
 
 
 def pdl_for(x: torch.Tensor) -> bool:
     """Whether kernels on ``x``'s device launch with PDL: :data:`ENABLED` and a CUDA GPU of compute capability 9 or
     more (never under Triton's interpreter, which runs on CPU tensors)."""
-    return ENABLED and x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
-
-
-def sm_count(device: torch.device) -> int:
-    """The streaming multiprocessors of a CUDA device."""
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return ENABLED and x.is_cuda and compute_capability(x.device)[0] >= 9
 
 
 @gluon.jit

@@ -10,6 +10,8 @@ Ops (``torch.ops.bitbybit.*``, each with a fake implementation for torch.compile
   kernel)``: W{b}A{a} in one op; ``kernel="mma8"`` runs the int8 tensor-core kernel (tiles by shape,
   :func:`mma8_config`), ``"auto"`` the two ops above.
 
+Eager callers run the same functions without the dispatcher (:func:`ops_for`).
+
 Which kernel runs is a pure function of the shape (:func:`choose_config`): a table tuned offline
 on the H200 (``kernels/triton_table.json``, written by ``python -m kernels.bench --tune``) and a
 rule for shapes it does not list (the Hopper kernels by :func:`hopper_config`, the others by
@@ -23,10 +25,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 import triton
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .gluon_gemm import launch_gemm_ws, ws_supported
 from .gluon_gemm_ra import RA_BITS, RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_plan, ra_supported
@@ -174,6 +180,7 @@ def gemv_mma_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Confi
     return Config("gemv_mma", token_rows(m), WARP_CHANNELS * wn, STEP_K, split_k=split, num_warps=rows * wn)
 
 
+@lru_cache(maxsize=4096)
 def default_config(bits: int, m: int, n: int, kq: int, mma: bool = True) -> Config:
     """The portable rule, for shapes the table does not list where :func:`hopper_config` names no kernel, and for
     calls the Hopper kernels do not take (fitted to the tuned H200 entries).
@@ -235,6 +242,7 @@ def ra_rule_config(bits: int, m: int, n: int, kq: int, sms: int = 132) -> Config
     return Config("gemm_ra", tokens, RA_ROWS, RA_STEP_K, split_k=split, num_warps=4, num_stages=stages)
 
 
+@lru_cache(maxsize=4096)
 def hopper_config(bits: int, m: int, n: int, kq: int) -> Config | None:
     """The Hopper kernels for a shape the table does not list, 2- and 4-bit weights: the TMA-ring GEMV at one and two
     tokens (:func:`stream_rule_config`), the register-operand wgmma kernel at 9..256 (:func:`ra_rule_config`); None
@@ -284,6 +292,7 @@ def weight_args(bits: int, master_bits: int, kq: int) -> tuple[int, int, dict]:
     return consts.pop("R1"), consts.pop("R2"), consts
 
 
+@lru_cache(maxsize=256)
 def gluon_scale_args(bits: int, master_bits: int, kq: int) -> tuple[float, float, float]:
     """``(col_mult, zoff, zmul)`` that the Gluon kernels take as arguments: the column scale's factor on top of
     ``row_scale`` (``256 * 2^(master_bits - bits)``) and :func:`weight_args`' ``ZOFF``, ``ZMUL``."""
@@ -553,40 +562,34 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).contiguous()
 
 
-@torch.library.custom_op("bitbybit::linear", mutates_args=())
-def linear_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-              row_scale: torch.Tensor, split_index: torch.Tensor | None, token_scale: torch.Tensor | None,
-              bias: torch.Tensor | None, bits: int, master_bits: int, in_features: int,
-              out_dtype: torch.dtype) -> torch.Tensor:
+def _linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, row_scale: torch.Tensor,
+            split_index: torch.Tensor | None, token_scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+            master_bits: int, in_features: int, out_dtype: torch.dtype) -> torch.Tensor:
     ts = None if token_scale is None else token_scale.reshape(-1).contiguous()
     y = launch_linear(_rows(x), packed, scales, zeros, row_scale, split_index, ts, bias, bits, master_bits,
                       in_features, out_dtype)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@linear_op.register_fake
 def _linear_fake(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,
                  in_features, out_dtype):
     return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
-@torch.library.custom_op("bitbybit::quantize_act", mutates_args=())
-def quantize_act_op(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_act(x: torch.Tensor, split_index: torch.Tensor | None, act_bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     xq, ts = launch_actquant(_rows(x), split_index, act_bits)
     return xq.reshape(*x.shape[:-1], -1), ts.reshape(x.shape[:-1])
 
 
-@quantize_act_op.register_fake
 def _quantize_act_fake(x, split_index, act_bits):
     kq = padded_width(x.shape[-1], GROUP_SIZE) + (0 if split_index is None else split_index.shape[0])
     return (x.new_empty(*x.shape[:-1], kq, dtype=torch.float16),
             x.new_empty(x.shape[:-1], dtype=torch.float32))
 
 
-@torch.library.custom_op("bitbybit::linear_wa", mutates_args=())
-def linear_wa_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                 master_bits: int, act_bits: int, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
+def _linear_wa(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+               row_scale: torch.Tensor, split_index: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+               master_bits: int, act_bits: int, out_dtype: torch.dtype, kernel: str) -> torch.Tensor:
     if kernel not in ("auto", "mma8"):
         raise ValueError(f"kernel must be 'auto' or 'mma8', got {kernel!r}")
     rows = _rows(x)
@@ -596,10 +599,24 @@ def linear_wa_op(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
-@linear_wa_op.register_fake
 def _linear_wa_fake(x, packed, scales, zeros, row_scale, split_index, bias, bits, master_bits, act_bits, out_dtype,
                     kernel):
     return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
+for _name, _fn, _fake in (("linear", _linear, _linear_fake), ("quantize_act", _quantize_act, _quantize_act_fake),
+                          ("linear_wa", _linear_wa, _linear_wa_fake)):
+    torch.library.custom_op(f"bitbybit::{_name}", _fn, mutates_args=()).register_fake(_fake)
+
 BITBYBIT_OPS = torch.ops.bitbybit
+EAGER_OPS = SimpleNamespace(linear=_linear, quantize_act=_quantize_act, linear_wa=_linear_wa)
+
+
+def ops_for(x: torch.Tensor) -> Any:
+    """The ops to run on ``x``: the custom ops (``torch.ops.bitbybit``) while torch.compile traces, for tensor
+    subclasses (fake tensors) and under a dispatch mode; otherwise the same functions called directly
+    (:data:`EAGER_OPS`). Eager code gains nothing from the dispatcher and paid 40-60 µs of host time per call for
+    it on the H200's host (``scripts/host_cost.py``); a CUDA graph replays neither."""
+    if torch.compiler.is_compiling() or type(x) is not torch.Tensor or _get_current_dispatch_mode() is not None:
+        return BITBYBIT_OPS
+    return EAGER_OPS

@@ -3,10 +3,10 @@
 Outside a CUDA graph (``--enforce-eager``, or a vLLM prefill larger than its captured sizes) every call pays its
 Python-side dispatch, descriptor set-up and launches on the host. This times ``--calls`` calls back to back without
 synchronizing (host time per call while the GPU keeps up; GPU time where it does not) and with a synchronization after
-each, for ``kernels.ops.linear`` (through the ``torch.ops.bitbybit.linear`` custom op), for
-:func:`~kernels.triton_ops.launch_linear` called directly (the same kernels without the custom op's dispatch) and for
-bf16 ``F.linear``; then it profiles 50 calls of ``kernels.ops.linear`` with ``cProfile`` and prints the functions with
-the most own time.
+each, for ``kernels.ops.linear`` (in eager code it calls the op's function directly:
+:func:`kernels.triton_ops.ops_for`), for the ``torch.ops.bitbybit.linear`` custom op (what a torch.compile graph
+runs), for :func:`~kernels.triton_ops.launch_linear` called directly and for bf16 ``F.linear``; then it profiles 50
+calls of ``kernels.ops.linear`` with ``cProfile`` and prints the functions with the most own time.
 
 GPU: ``python3 scripts/host_cost.py --shape 4096x12288 --ms 1,2,8,32,256,1024 --out $OUT/host-cost.json``
 """
@@ -74,13 +74,17 @@ def main() -> None:
     for m in map(int, args.ms.split(",")):
         x = torch.randn(m, k, dtype=torch.bfloat16, device="cuda")
         ours, dense = (lambda: linear(x, layer)), (lambda: F.linear(x, w16))
+        op = (lambda: torch.ops.bitbybit.linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale,
+                                                layer.split_index, None, None, layer.bits, layer.master_bits,
+                                                layer.in_features, x.dtype))
         direct = (lambda: launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, layer.split_index,
                                         None, None, layer.bits, layer.master_bits, layer.in_features, x.dtype))
-        for fn in (ours, direct, dense):  # compile and warm up
+        for fn in (ours, op, direct, dense):  # compile and warm up
             fn()
         rec = dict(K=k, N=n, M=m, bits=args.bits, kernel=choose_config(args.bits, m, n, k).kernel,
                    host_us=round(per_call_us(ours, args.calls, False), 1),
                    synced_us=round(per_call_us(ours, args.calls, True), 1),
+                   op_host_us=round(per_call_us(op, args.calls, False), 1),
                    direct_host_us=round(per_call_us(direct, args.calls, False), 1),
                    direct_synced_us=round(per_call_us(direct, args.calls, True), 1),
                    bf16_host_us=round(per_call_us(dense, args.calls, False), 1),

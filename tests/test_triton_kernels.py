@@ -158,6 +158,27 @@ else:
         assert fy.shape == (7, lay.out_features) and fy.dtype == torch.bfloat16
         assert fq.shape == (7, 128) and fq.dtype == torch.float16 and fts.shape == (7,)
 
+    def test_eager_calls_skip_the_dispatcher_and_compiled_graphs_keep_the_op():
+        """``ops_for``: eager code calls the ops' functions directly (the same numbers as the custom op); fake tensors
+        and the graph torch.compile records get the custom op."""
+        lay = layer(2)
+        args = (lay.packed, lay.scales, lay.zeros, lay.row_scale, lay.split_index, None, None, 2, 8, K, torch.float16)
+        x = torch.randn(3, K, dtype=torch.float16)
+        assert triton_ops.ops_for(x) is triton_ops.EAGER_OPS
+        y = triton_ops.ops_for(x).linear(x, *args)
+        assert torch.equal(y, torch.ops.bitbybit.linear(x, *args))
+        with FakeTensorMode() as mode:
+            assert triton_ops.ops_for(mode.from_tensor(x)) is torch.ops.bitbybit
+        graphs = []
+
+        def record(gm, inputs):
+            graphs.append(gm)
+            return gm.forward
+
+        compiled = torch.compile(lambda t: triton_ops.ops_for(t).linear(t, *args), backend=record, fullgraph=True)
+        assert torch.equal(compiled(x), y)
+        assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"] == [torch.ops.bitbybit.linear]
+
     @pytest.mark.parametrize("bits", [2, 3])
     def test_dense_path_matches_reference(bits):
         """Dequantize-then-matmul, with bias and on quantized activations."""
