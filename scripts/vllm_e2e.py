@@ -15,13 +15,15 @@ For every precision B (default: the checkpoint's trained set) this
 5. stops the server.
 
 Pass, at every precision: the streaming checks; vLLM's perplexity within ``--ppl-tol`` of the
-reference's (3 %, 10 % with quantized activations); and, for W{b}A16, at least ``--min-identical``
-(14) of the 16 prompts identical for ``--tokens`` (32) tokens. With quantized activations (W{b}A{a})
-greedy tokens are reported but not required to match: a 2-bit activation code flips under float
-differences as small as vLLM's fused kernels make, and the flips cascade (on teacher-56m W2A2 a 1e-5
-relative perturbation of every linear's input leaves the reference agreeing with itself for 32
-tokens on 0 of 8 prompts: ``scripts/act_quant_sensitivity.py``), so there the perplexity is the
-check.
+reference's (3 %, 10 % with quantized activations); and, for W{b}A16 in float32, at least
+``--min-identical`` (14) of the 16 prompts identical for ``--tokens`` (32) tokens. With quantized
+activations (W{b}A{a}) greedy tokens are reported but not required to match: a 2-bit activation code
+flips under float differences as small as vLLM's fused kernels make, and the flips cascade (on
+teacher-56m W2A2 a 1e-5 relative perturbation of every linear's input leaves the reference agreeing
+with itself for 32 tokens on 0 of 8 prompts: ``scripts/act_quant_sensitivity.py``), so there the
+perplexity is the check. The same holds for 16-bit activations (``--dtype bfloat16`` / ``float16``):
+in bf16 the reference's own greedy tokens agree with its float32 run on only 9 (W4) and 13 (W2) of the
+16 prompts (docs/VLLM.md, 2026-11-24), so token identity is reported there, not required.
 
 The prompts: ``heldout.txt`` holds 8 books, so each book gives two, the first sentence of its first
 prose paragraph and of its first prose paragraph after the book's midpoint.
@@ -248,8 +250,8 @@ def run_precision(ckpt: str, bits: int, prompts: list[str], args: argparse.Names
     ppl["ratio"] = ppl["vllm"] / ppl["reference"]
     tol = args.ppl_tol if args.ppl_tol is not None else (PPL_TOL_ACT if (args.act_bits or 16) < 16 else PPL_TOL)
     ppl_ok = abs(ppl["ratio"] - 1) <= tol
-    # Quantized activations make greedy tokens chaotic (docs/VLLM.md): only the perplexity is compared there.
-    tokens_ok = identical >= args.min_identical or (args.act_bits or 16) < 16
+    # Quantized or 16-bit activations make greedy tokens chaotic (docs/VLLM.md): only the perplexity is compared there.
+    tokens_ok = identical >= args.min_identical or (args.act_bits or 16) < 16 or args.dtype != "float32"
     print(f"[e2e] {name}: held-out perplexity {ppl['vllm']:.3f} (vLLM) vs {ppl['reference']:.3f} (reference), "
           f"ratio {ppl['ratio']:.4f}", flush=True)
     return {"bits": bits, "act_bits": args.act_bits or 16, "identical": identical, "prompts": rows,
@@ -264,7 +266,7 @@ def main() -> None:
                     help="also quantize activations (W{b}A{a}: vllm serve ... --act-bits A); default A16")
     ap.add_argument("--tokens", type=int, default=32, help="greedy tokens compared per prompt")
     ap.add_argument("--min-identical", type=int, default=14,
-                    help="prompts that must match for --tokens tokens (W{b}A16 only; default %(default)s)")
+                    help="prompts that must match for --tokens tokens (W{b}A16 in float32 only; default %(default)s)")
     ap.add_argument("--ppl-windows", type=int, default=16, help="held-out windows scored by both sides (default %(default)s)")
     ap.add_argument("--ppl-ctx", type=int, default=1024, help="tokens per window; vllm serve gets --max-model-len PPL_CTX + 1 "
                     "(the window and the one token a completion generates; default %(default)s)")
