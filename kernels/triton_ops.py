@@ -604,9 +604,9 @@ def _linear_wa_fake(x, packed, scales, zeros, row_scale, split_index, bias, bits
     return x.new_empty(*x.shape[:-1], scales.shape[0], dtype=out_dtype)
 
 
-for _name, _fn, _fake in (("linear", _linear, _linear_fake), ("quantize_act", _quantize_act, _quantize_act_fake),
-                          ("linear_wa", _linear_wa, _linear_wa_fake)):
-    torch.library.custom_op(f"bitbybit::{_name}", _fn, mutates_args=()).register_fake(_fake)
+torch.library.custom_op("bitbybit::linear", _linear, mutates_args=()).register_fake(_linear_fake)
+torch.library.custom_op("bitbybit::quantize_act", _quantize_act, mutates_args=()).register_fake(_quantize_act_fake)
+torch.library.custom_op("bitbybit::linear_wa", _linear_wa, mutates_args=()).register_fake(_linear_wa_fake)
 
 BITBYBIT_OPS = torch.ops.bitbybit
 EAGER_OPS = SimpleNamespace(linear=_linear, quantize_act=_quantize_act, linear_wa=_linear_wa)
