@@ -375,6 +375,16 @@ def stream_gemv_supported(bits: int, x: torch.Tensor, packed: torch.Tensor, scal
             and compute_capability(x.device)[0] == 9)
 
 
+def ring_descriptors(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, block_n: int,
+                     block_k: int) -> tuple:
+    """The ring's TMA descriptors of a K-major layer: its words ``[Kq P / 32, N]`` and scale and zero bytes ``[G, N]``
+    in step boxes of ``block_n`` columns and ``block_k`` codes."""
+    groups = block_k // GROUP_SIZE
+    return (tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
+            tma_descriptor(scales.view(torch.uint8).t(), [groups, block_n], False),
+            tma_descriptor(zeros.t(), [groups, block_n], False))
+
+
 def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                     row_scale: torch.Tensor, token_scale: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
                     col_mult: float, zoff: float, zmul: float, tokens: int, block_n: int, block_k: int, stages: int,
@@ -394,13 +404,11 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                          f"most 32) that the {rows} threads sharing a column divide, at least one stage and at most "
                          f"{SMEM_BYTES} bytes of shared memory (fewer stages use less); got {m} tokens on block_m "
                          f"{tokens}, {block_n}, {block_k}, {stages} stages, {warps} warps ({smem} bytes)")
-    su8 = scales.view(torch.uint8)
     chunk = prep_chunk(kq, warps, tokens)
     grid = triton.cdiv(n, block_n)
     gemv_tma_kernel[(grid, )](
-        x, tma_descriptor(packed.t(), [block_k * bits // 32, block_n], False),
-        tma_descriptor(su8.t(), [groups, block_n], False), tma_descriptor(zeros.t(), [groups, block_n], False),
-        row_scale, token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
+        x, *ring_descriptors(packed, scales, zeros, bits, block_n, block_k), row_scale,
+        token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
         m, n, kq, x.stride(0), y.stride(0), T=tokens, P=bits, CHUNK=chunk, ONE_CHUNK=chunk * GROUP_SIZE >= kq,
         STAGES=stages, ZOFF=zoff, ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None,
         HAS_BIAS=bias is not None, num_warps=warps, maxnreg=MAX_REGS[tokens],

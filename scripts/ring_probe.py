@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernels.bench import copies_for, floor_calls, graph_times_us, kernel_calls, make_layers, packed_bytes  # noqa: E402
 from kernels.gluon_gemm import cta_barrier, tma_descriptor, tma_load  # noqa: E402
-from kernels.gluon_stream import LOADER_REGS  # noqa: E402
+from kernels.gluon_stream import LOADER_REGS, ring_descriptors  # noqa: E402
 from kernels.triton_ops import Config  # noqa: E402
 
 BITS = 2
@@ -141,13 +141,6 @@ def _launch(descs, out, grid, steps, mode, stages, split, regs):
                                      maxnreg=regs)
 
 
-def _real_descs(layer, bn: int, bk: int) -> tuple:
-    g, rw = bk // 32, bk * BITS // 32
-    return (tma_descriptor(layer.packed.t(), [rw, bn], False),
-            tma_descriptor(layer.scales.view(torch.uint8).t(), [g, bn], False),
-            tma_descriptor(layer.zeros.t(), [g, bn], False))
-
-
 def _timed(k: int, n: int, layers, calls: dict, cfg: Config | None) -> dict:
     """Time ``calls`` with the real kernel (``cfg``; None: the table's) and the bare read, one rotation."""
     calls["kernel"] = kernel_calls(layers, torch.randn(1, k, dtype=torch.bfloat16, device="cuda"), cfg, None)
@@ -163,7 +156,8 @@ def layouts() -> list[dict]:
         g, rw, steps, tiles = bk // 32, bk * BITS // 32, k // bk, n // bn
         layers = make_layers(k, n, BITS, copies_for(n * k * BITS // 8))
         out = torch.empty(tiles, dtype=torch.int32, device="cuda")
-        calls = {"strided": [_launch(_real_descs(lay, bn, bk), out, (tiles, 1), steps, 0, stages, 1, 96)
+        calls = {"strided": [_launch(ring_descriptors(lay.packed, lay.scales, lay.zeros, BITS, bn, bk), out, (tiles, 1),
+                                     steps, 0, stages, 1, 96)
                              for lay in layers]}
         keep = []  # the synthetic layouts' buffers, alive while their calls are
         calls["tiled"], calls["packed"] = [], []
@@ -196,7 +190,8 @@ def rings() -> list[dict]:
         calls = {}
         for bn, bk, stages, split, regs in RING_CASES:
             name = f"bn{bn}_bk{bk}_st{stages}_split{split}_r{regs}"
-            calls[name] = [_launch(_real_descs(lay, bn, bk), out, (n // bn, split), k // bk, 0, stages, split, regs)
+            calls[name] = [_launch(ring_descriptors(lay.packed, lay.scales, lay.zeros, BITS, bn, bk), out,
+                                   (n // bn, split), k // bk, 0, stages, split, regs)
                            for lay in layers]
         rec = _timed(k, n, layers, calls, None)
         print(json.dumps(rec), flush=True)
