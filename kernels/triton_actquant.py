@@ -48,43 +48,56 @@ def e4m3_round_up(r):
 
 
 @triton.jit
+def filled(like, value):
+    """A float32 tensor of ``like``'s shape (and layout) filled with ``value``: ``tl.full`` needs a layout in Gluon."""
+    return tl.where(like == like, value, value).to(tl.float32)
+
+
+@triton.jit
+def group_range(x, QMAX: tl.constexpr):
+    """Per group (row) of ``x [BG, 32]``: its minimum with zero included (<= 0) and its raw scale, the range (zero
+    included) over ``QMAX``, in fp32. The extremes are taken in ``x``'s own dtype (exact; packed on 16-bit floats)."""
+    lo = tl.minimum(tl.min(x, axis=1).to(tl.float32), 0.0)
+    hi = tl.maximum(tl.max(x, axis=1).to(tl.float32), 0.0)
+    return lo, tl.div_rn(hi - lo, filled(lo, QMAX))
+
+
+@triton.jit
 def _chunk(x_ptr, stride_xm, m, g, M, K, Kp, Kq, split_ptr, QMAX: tl.constexpr, HAS_SPLIT: tl.constexpr):
     """Groups ``g`` of token ``m``: their values ``[BG, 32]`` (fp32), column index, min (<= 0) and raw scale."""
     k = g[:, None] * 32 + tl.arange(0, 32)[None, :]
     x = load_act(x_ptr, stride_xm, m, k, M, K, Kp, Kq, split_ptr, HAS_SPLIT).to(tl.float32)
-    lo = tl.minimum(tl.min(x, axis=1), 0.0)
-    hi = tl.maximum(tl.max(x, axis=1), 0.0)
-    return x, k, lo, tl.div_rn(hi - lo, tl.full(lo.shape, QMAX, tl.float32))
+    lo, raw = group_range(x, QMAX)
+    return x, k, lo, raw
 
 
 @triton.jit
-def _quantize_chunk(x, k, g, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
+def quantize_groups(x, k, g, lo, raw, ts, m, kmask, gmask, G, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm,
                     QMAX: tl.constexpr, XQ_MUL: tl.constexpr, WRITE_CODES: tl.constexpr, DEQUANT: tl.constexpr):
-    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``) under token scale ``ts``; writes xq (or the
-    dequantized values, ``DEQUANT``) and optionally the codes."""
+    """Codes of groups ``g`` (values ``x [BG, 32]`` at columns ``k``, ranges ``lo``/``raw`` from :func:`group_range`)
+    under token scale ``ts``; writes xq (or the dequantized values, ``DEQUANT``) where ``kmask`` and, with
+    ``WRITE_CODES``, the codes, and the scale and zero bytes of the ``G`` groups per row where ``gmask``."""
     BG: tl.constexpr = x.shape[0]
-    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, tl.full([BG], 1.0, tl.float32) * ts), 0.001953125), 448.0)
+    ratio = tl.minimum(tl.maximum(tl.div_rn(raw, filled(raw, 1.0) * ts), 0.001953125), 448.0)
     byte = e4m3_round_up(ratio)
     e4m3 = e4m3_scaled(byte) * 256.0
     step = e4m3 * ts
     zero = tl.minimum(tl.maximum(_rint(tl.div_rn(-lo, step)), 0.0), QMAX)
-    r = tl.div_rn(tl.full([BG], 1.0, tl.float32), step)[:, None]
+    r = tl.div_rn(filled(step, 1.0), step)[:, None]
     stepb = tl.broadcast_to(step[:, None], (BG, 32))
     q = x * r
     q = tl.fma(tl.fma(-stepb, q, x), r, q)  # == div_rn(x, step)
-    code = tl.minimum(tl.maximum(_rint(q) + zero[:, None], 0.0), QMAX)
-    xq = (code - zero[:, None]) * (step if DEQUANT else e4m3 * XQ_MUL)[:, None]
-    kmask = k < Kq
+    centred = tl.minimum(tl.maximum(_rint(q), -zero[:, None]), QMAX - zero[:, None])  # code - zero, exact
+    xq = centred * (step if DEQUANT else e4m3 * XQ_MUL)[:, None]
     tl.store(xq_ptr + m * stride_qm + k, xq.to(xq_ptr.dtype.element_ty), mask=kmask)
     if WRITE_CODES:
-        gmask = g < G
-        tl.store(codes_ptr + m * stride_qm + k, code.to(tl.uint8), mask=kmask)
+        tl.store(codes_ptr + m * stride_qm + k, (centred + zero[:, None]).to(tl.uint8), mask=kmask)
         tl.store(scales_ptr + m * G + g, byte.to(tl.uint8), mask=gmask)
         tl.store(zeros_ptr + m * G + g, zero.to(tl.uint8), mask=gmask)
 
 
 @triton.jit
-def _token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
+def token_scale(rmax, ts_ptr, m, XQ_MUL: tl.constexpr):
     ts = tl.div_rn(tl.max(rmax, axis=0), 448.0)
     ts = tl.where(ts > 0, ts, ALL_ZERO_ROW_SCALE)
     tl.store(ts_ptr + m, ts * (1.0 / XQ_MUL))
@@ -112,16 +125,16 @@ def actquant_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zer
     gg = tl.arange(0, BG)
     if ONE_CHUNK:
         x, k, lo, raw = _chunk(x_ptr, stride_xm, m, gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-        ts = _token_scale(tl.where(gg < G, raw, 0.0), ts_ptr, m, XQ_MUL)
-        _quantize_chunk(x, k, gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr, stride_qm, QMAX,
-                        XQ_MUL, WRITE_CODES, DEQUANT)
+        ts = token_scale(tl.where(gg < G, raw, 0.0), ts_ptr, m, XQ_MUL)
+        quantize_groups(x, k, gg, lo, raw, ts, m, k < Kq, gg < G, G, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
+                        stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
     else:
         rmax = tl.zeros([BG], tl.float32)
         for g0 in tl.range(0, G, BG, num_stages=STAGES):
             _, _, _, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
             rmax = tl.maximum(rmax, tl.where(g0 + gg < G, raw, 0.0))
-        ts = _token_scale(rmax, ts_ptr, m, XQ_MUL)
+        ts = token_scale(rmax, ts_ptr, m, XQ_MUL)
         for g0 in tl.range(0, G, BG, num_stages=STAGES):
             x, k, lo, raw = _chunk(x_ptr, stride_xm, m, g0 + gg, M, K, Kp, Kq, split_ptr, QMAX, HAS_SPLIT)
-            _quantize_chunk(x, k, g0 + gg, lo, raw, ts, m, G, Kq, xq_ptr, codes_ptr, scales_ptr, zeros_ptr,
-                            stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)
+            quantize_groups(x, k, g0 + gg, lo, raw, ts, m, k < Kq, g0 + gg < G, G, xq_ptr, codes_ptr, scales_ptr,
+                            zeros_ptr, stride_qm, QMAX, XQ_MUL, WRITE_CODES, DEQUANT)

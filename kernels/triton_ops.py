@@ -34,6 +34,7 @@ import torch
 import triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .gluon_actquant import launch_actquant_rows, staged_chunks, staged_rows_supported
 from .gluon_gemm import launch_gemm_ws, ws_supported
 from .gluon_gemm_ra import RA_BITS, RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_plan, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
@@ -51,7 +52,12 @@ from .triton_mma import mma_kernel
 
 TABLE_PATH = Path(__file__).with_name("triton_table.json")
 COUNTERS = 1 << 16  # split-K output tiles one launch may use
-ACTQUANT_MANY_ROWS = 256  # from this many rows on, chunked rows (below: one chunk per row)
+# activation quantization (:func:`actquant_tile`): from ACTQUANT_MANY_ROWS rows on, one row on 16 warps, or rows
+# staged in shared memory where they are longer than ACTQUANT_ONE_CHUNK_GROUPS groups; from ACTQUANT_STAGED_ROWS on,
+# rows staged in shared memory
+ACTQUANT_MANY_ROWS = 256
+ACTQUANT_STAGED_ROWS = 1024
+ACTQUANT_ONE_CHUNK_GROUPS = 512
 MMA_RULE_TOKENS = range(3, 17)  # token counts the rule gives the tensor-core decode kernel (2- and 4-bit weights)
 # the decode kernel's rule: about this many warps per SM, from rows of warps along K (at most MMA_MAX_ROWS) before
 # split-K programs; fitted to the A/B of session 15 (docs/results/gemv-mma-rows-ab-h200.json: on its 30 cells at 4..16
@@ -459,27 +465,45 @@ def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale,
 
 @dataclass(frozen=True)
 class ActQuantTile:
-    """A launch of the activation-quantization kernel: ``groups`` per chunk (one chunk covering the row is one
-    pass over it, fewer are two), ``warps``, and ``stages`` of software pipelining of the chunk loops."""
+    """A launch of activation quantization: ``groups`` per chunk and ``warps``. The Triton kernel
+    (:mod:`kernels.triton_actquant`): one chunk covering the row is one pass over it, fewer are two, with ``stages``
+    of software pipelining of the chunk loops. ``staged``: the Gluon kernel that stages each row in shared memory
+    (:mod:`kernels.gluon_actquant`), with ``columns`` consecutive columns per thread."""
 
     groups: int
     warps: int
     stages: int = 1
+    staged: bool = False
+    columns: int = 8
 
 
-def actquant_tile(m: int, groups: int) -> ActQuantTile:
-    """The activation-quantization launch for ``m`` rows of ``groups`` groups (measured on the H200,
-    ``scripts/actquant_ab.py``, docs/results/actquant-ab-h200.json).
+def actquant_tile(x: torch.Tensor, kq: int) -> ActQuantTile:
+    """The activation-quantization launch for the rows of ``x [M, K]`` expanded to ``kq`` columns (measured on the
+    H200 by ``scripts/actquant_ab.py``: docs/results/actquant-staged-candidates-h200.json and
+    actquant-staged-ab-h200.json).
 
-    Few tokens (decode), or rows of a power-of-two number of groups: one chunk per row (one pass,
-    up to 16 warps; 73-74 % of copy bandwidth at M = 4096). Many tokens on other widths: two passes
-    over chunks of 64 groups where they tile the row exactly, else 128, with 8 warps (47-53 % at
-    M = 1024 and 55-62 % at M = 4096 on K = 11008, 14336, 28672, against 41-45 % and 53-55 % for
-    the former 32-group chunks with 4 warps; a row padded to a power of two in one chunk: 26-52 %).
+    * Fewer than ``ACTQUANT_MANY_ROWS`` tokens (decode): the Triton kernel, one chunk per row (one pass, up to 16
+      warps).
+    * ``ACTQUANT_STAGED_ROWS`` tokens or more, or rows of more than ``ACTQUANT_ONE_CHUNK_GROUPS`` groups from
+      ``ACTQUANT_MANY_ROWS`` tokens on, where the Gluon kernel takes them: rows staged in shared memory, 16 columns
+      per thread, chunks of 128 groups on 8 warps unless chunks of 64 on 4 warps pad the row less (64-81 % of copy
+      bandwidth at M = 1024 on K = 4096 ... 28672 and 79-92 % at M = 4096, against 51-73 % and 59-81 % for the
+      best Triton launches; 55 % at M = 256 on K = 28672 against 52 %).
+    * Otherwise one chunk per row on 16 warps (at M = 256 and K <= 14336: 33-53 %, against 27-41 % staged), or,
+      where the Gluon kernel does not apply, two passes over chunks of 64 groups where they tile the row exactly,
+      else 128, with 8 warps.
     """
+    m, groups = x.shape[0], kq // GROUP_SIZE
     one = triton.next_power_of_2(groups)
-    if m < ACTQUANT_MANY_ROWS or groups == one:
+    if m >= ACTQUANT_STAGED_ROWS or (m >= ACTQUANT_MANY_ROWS and one > ACTQUANT_ONE_CHUNK_GROUPS):
+        kp = padded_width(x.shape[1], GROUP_SIZE)
+        chunk = 128 if staged_chunks(kp, kq - kp, 128) * 2 == staged_chunks(kp, kq - kp, 64) else 64
+        if staged_rows_supported(x, kq - kp, chunk):
+            return ActQuantTile(chunk, chunk // 16, staged=True, columns=16)
+    if m < ACTQUANT_MANY_ROWS:
         return ActQuantTile(one, min(16, max(4, one // 32)))
+    if groups == one or one <= ACTQUANT_ONE_CHUNK_GROUPS:
+        return ActQuantTile(one, 16)
     return ActQuantTile(64 if groups % 128 and not groups % 64 else 128, 8)
 
 
@@ -502,8 +526,12 @@ def launch_actquant(x: torch.Tensor, split_index: torch.Tensor | None, act_bits:
               torch.empty(m, kq // GROUP_SIZE, dtype=torch.uint8, device=x.device)) if write_codes else ())
     if m:
         codes, sc, zp = extra or (xq, xq, xq)
-        tile = tile or actquant_tile(m, kq // GROUP_SIZE)
+        tile = tile or actquant_tile(x, kq)
         pdl = pdl_for(x)
+        if tile.staged:
+            launch_actquant_rows(x, split_index, xq, ts, codes, sc, zp, act_bits, tile.groups, tile.columns,
+                                 tile.warps, write_codes, dequant_dtype is not None, pdl)
+            return (xq, ts, *extra)
         actquant_kernel[(m,)](x, split_index if has_split else x, xq, ts, codes, sc, zp, m, k, kp, kq, x.stride(0),
                               xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, BG=tile.groups,
                               HAS_SPLIT=has_split, WRITE_CODES=write_codes, ONE_CHUNK=tile.groups * GROUP_SIZE >= kq,

@@ -2,8 +2,9 @@
 
 For every row width K and token count M it times the launch the dispatch picks today
 (``actquant_tile``, labelled ``current``) and a grid of others: one chunk per row (the row padded
-to a power of two of groups, in registers, one pass) with 8/16/32 warps, and chunks of 32/64/128
-groups (two passes over the row) with 4/8 warps and 1 or 3 pipeline stages. Every launch is
+to a power of two of groups, in registers, one pass) with 8/16/32 warps, chunks of 32/64/128
+groups (two passes over the row) with 4/8 warps and 1 or 3 pipeline stages, and the Gluon kernel
+that stages each row in shared memory (``staged``: groups per chunk, warps, columns per thread). Every launch is
 first checked bit for bit against ``current`` on fresh random rows (xq and the token scale;
 ``current`` itself is checked against the CPU reference by ``tests/gpu``). Timing as
 ``kernels.bench`` times (CUDA-graph replays over enough input copies that L2 does not help);
@@ -30,6 +31,8 @@ from kernels.triton_ops import ActQuantTile, actquant_tile, launch_actquant  # n
 
 KS = [4096, 8192, 11008, 14336, 28672]
 MS = [1024, 4096]
+# the staged kernel's (groups per chunk, warps, columns per thread) tried
+STAGED = [(64, 8, 8), (64, 4, 16), (128, 8, 16), (64, 2, 32), (128, 4, 32), (256, 8, 32)]
 
 
 def tiles(groups: int) -> dict[str, ActQuantTile]:
@@ -39,6 +42,7 @@ def tiles(groups: int) -> dict[str, ActQuantTile]:
     for bg in (32, 64, 128):
         if bg < groups:
             out.update({f"chunk{bg}-w{w}-s{s}": ActQuantTile(bg, w, s) for w in (4, 8) for s in (1, 3)})
+    out.update({f"staged{bg}-w{w}-c{c}": ActQuantTile(bg, w, staged=True, columns=c) for bg, w, c in STAGED})
     return out
 
 
@@ -56,7 +60,7 @@ def main() -> None:
     for k in map(int, args.ks.split(",")):
         for m in map(int, args.ms.split(",")):
             xs = [torch.randn(m, k, dtype=torch.bfloat16, device="cuda") for _ in range(copies_for(2 * m * k))]
-            current = actquant_tile(m, k // 32)
+            current = actquant_tile(xs[0], k)
             ref_q, ref_ts = launch_actquant(xs[0], None, args.bits, tile=current)
             nbytes = 4 * m * k + 4 * m
             for label, tile in {"current": current, **tiles(k // 32)}.items():

@@ -21,7 +21,7 @@ from kernels.gluon_gemm_ra import launch_ra_order, ra_order
 from kernels.grid import dequantize, quantize_weight
 from kernels.ops import linear, pack_linear
 from kernels.split import expand_input, quantize_split_weight, split_region_index
-from kernels.triton_ops import TABLE, Config, launch_actquant, launch_linear, launch_linear_wa, table_key
+from kernels.triton_ops import TABLE, ActQuantTile, Config, launch_actquant, launch_linear, launch_linear_wa, table_key
 
 BF16, F16 = torch.bfloat16, torch.float16
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -277,6 +277,30 @@ def test_actquant_bit_exact(k, act_bits):
         deq = dequantize_activations(ref, torch.float64)
         assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
         xd, _ = launch_actquant(x, idx, act_bits, dequant_dtype=torch.float32)
+        assert torch.equal(xd.cpu(), dequantize_activations(ref, torch.float32))
+
+
+STAGED_TILES = [ActQuantTile(groups, warps, staged=True, columns=columns)
+                for groups, warps, columns in ((128, 8, 16), (64, 4, 16), (64, 8, 8), (64, 2, 32))]
+
+
+@pytest.mark.parametrize("tile", STAGED_TILES, ids=lambda t: f"groups{t.groups}-warps{t.warps}-columns{t.columns}")
+@pytest.mark.parametrize("k,splits", [(1040, 0), (4096, 0), (4096, 2100), (11008, 0), (11008, 300), (28672, 40)])
+def test_staged_actquant_bit_exact(tile, k, splits):
+    """The Gluon kernel that stages rows in shared memory: codes, bytes, xq and the dequantized activations equal
+    the reference's, with padding columns (K = 1040), rows that end inside a chunk and split slots (about
+    ``splits``; on 4096 more than a chunk of them)."""
+    idx = split_region_index(list(range(3, k, k // splits)), k, 32).cuda() if splits else None
+    for act_bits, m in ((2, 300), (4, 5), (8, 64)):
+        x = (torch.randn(m, k, device="cuda", generator=gen("st", k, splits, act_bits)) * 3).to(torch.bfloat16)
+        x[0] = 0.0
+        ref = quantize_activations(x.cpu(), act_bits, None if idx is None else idx.cpu())
+        xq, ts, codes, scales, zeros = (t.cpu() for t in launch_actquant(x, idx, act_bits, True, tile=tile))
+        assert torch.equal(codes, ref.codes) and torch.equal(zeros, ref.zeros)
+        assert torch.equal(scales, ref.scales.view(torch.uint8))
+        assert torch.equal(ts * 2.0**-act_bits, ref.token_scale)
+        assert torch.equal(xq, launch_actquant(x, idx, act_bits, tile=ActQuantTile(32, 4))[0].cpu())
+        xd, _ = launch_actquant(x, idx, act_bits, dequant_dtype=torch.float32, tile=tile)
         assert torch.equal(xd.cpu(), dequantize_activations(ref, torch.float32))
 
 
