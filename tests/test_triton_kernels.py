@@ -117,6 +117,14 @@ else:
         deq = dequantize_activations(ref, torch.float64)
         assert torch.allclose(xq.double() * ts.double()[:, None], deq, rtol=2**-11, atol=0)
 
+    def test_actquant_off_the_gpu_takes_the_triton_kernel():
+        """Many long rows on the CPU get a Triton launch (the rule checks that the staged Gluon kernel can run), and
+        asking for the staged kernel there is an error that says what it needs."""
+        x = torch.randn(1024, 14336, dtype=torch.bfloat16)
+        assert not triton_ops.actquant_tile(x, 14336).staged
+        with pytest.raises(ValueError, match="staged activation quantization .* on a CUDA GPU"):
+            launch_actquant(x[:2], None, 2, tile=ActQuantTile(128, 8, staged=True, columns=16))
+
     @pytest.mark.parametrize("tile", ACTQUANT_TILES)
     def test_actquant_writes_dequantized_activations(tile):
         """``dequant_dtype``: the format's dequantized activations, exactly in fp32 (in bf16 up to the
