@@ -45,8 +45,8 @@ GROUP = gl.constexpr(GROUP_SIZE)
 @gluon.jit
 def actquant_rows_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr, zeros_ptr, M, K, Kp, Kq,
                          stride_xm, stride_qm, QMAX: gl.constexpr, XQ_MUL: gl.constexpr, GC: gl.constexpr,
-                         SPT: gl.constexpr, NX: gl.constexpr, NS: gl.constexpr, HAS_SPLIT: gl.constexpr,
-                         WRITE_CODES: gl.constexpr, DEQUANT: gl.constexpr, PDL: gl.constexpr):
+                         SPT: gl.constexpr, NX: gl.constexpr, NS: gl.constexpr, WRITE_CODES: gl.constexpr,
+                         DEQUANT: gl.constexpr, PDL: gl.constexpr):
     """Quantize token ``program_id(0)``: its ``NX`` chunks of ``GC`` groups of ``x`` (copied to shared memory at
     once) and ``NS`` chunks of split slots, as :func:`kernels.triton_actquant.actquant_kernel` does; the arithmetic
     on ``SPT`` consecutive columns per thread."""
@@ -79,7 +79,7 @@ def actquant_rows_kernel(x_ptr, split_ptr, xq_ptr, ts_ptr, codes_ptr, scales_ptr
             async_copy.wait_group(NX - 1 - c)
             x = rows.index(c).load(LC)
         else:
-            x = load_act(x_ptr, stride_xm, m, Kp + (c - NX) * CH + col, M, K, Kp, Kq, split_ptr, HAS_SPLIT)
+            x = load_act(x_ptr, stride_xm, m, Kp + (c - NX) * CH + col, M, K, Kp, Kq, split_ptr, True)
             rows.index(c).store(x)
         lo, raw = group_range(x, QMAX)
         ranges.index(2 * c).store(lo)
@@ -145,5 +145,4 @@ def launch_actquant_rows(x: torch.Tensor, split_index: torch.Tensor | None, xq: 
     actquant_rows_kernel[(m,)](x, split_index if splits else x, xq, ts, codes, scales, zeros, m, k, kp, kq,
                                x.stride(0), xq.stride(0), QMAX=2**act_bits - 1, XQ_MUL=2.0**-act_bits, GC=groups,
                                SPT=columns, NX=triton.cdiv(kp, chunk), NS=triton.cdiv(splits, chunk),
-                               HAS_SPLIT=splits > 0, WRITE_CODES=write_codes, DEQUANT=dequant, PDL=pdl,
-                               num_warps=warps, launch_pdl=pdl)
+                               WRITE_CODES=write_codes, DEQUANT=dequant, PDL=pdl, num_warps=warps, launch_pdl=pdl)
