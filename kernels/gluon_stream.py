@@ -96,17 +96,14 @@ def _round_int(v):
 
 
 @gluon.constexpr_function
-def _prep_layout(P, GS, W, rows):
-    """Registers of a chunk of activations ``[rows, GS, P, 2, 16 / P]`` (``rows``: token and step of the chunk;
-    group, word row, half of a pair, pair slot): one group per thread where the chunk has a group for every thread,
-    else (one program's slice of K, :mod:`kernels.gluon_burst`) a group over 8 lanes, so no warp repeats another's."""
-    if rows * GS >= 32 * W and GS <= 32:
-        return gl.BlockedLayout([1, 1, P, 2, 16 // P], [32 // GS, GS, 1, 1, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
-    return gl.BlockedLayout([1, 1, 1, 2, 2], [1, 4, P, 1, 8 // P], [1, W, 1, 1, 1], [4, 3, 2, 1, 0])
+def _prep_layout(P, GS, W):
+    """Registers of a chunk of activations ``[tokens * steps, GS, P, 2, 16 / P]`` (token and step of the chunk,
+    group, word row, half of a pair, pair slot): one group per thread and ``32 W`` groups."""
+    return gl.BlockedLayout([1, 1, P, 2, 16 // P], [32 // GS, GS, 1, 1, 1], [W, 1, 1, 1, 1], [4, 3, 2, 1, 0])
 
 
 @gluon.jit
-def load_x(x_ptr, stride_xm, M, Kq, chunk, T: gl.constexpr, NSUB: gl.constexpr, P: gl.constexpr,
+def _load_x(x_ptr, stride_xm, M, Kq, chunk, T: gl.constexpr, NSUB: gl.constexpr, P: gl.constexpr,
             GS: gl.constexpr):
     """The activations of ``T`` tokens' chunk ``chunk`` (``NSUB`` steps of ``GS`` groups each) in
     :func:`_prep_layout`, token-major; zeros past ``Kq`` and for tokens from ``M`` on.
@@ -116,7 +113,7 @@ def load_x(x_ptr, stride_xm, M, Kq, chunk, T: gl.constexpr, NSUB: gl.constexpr, 
     PB + j's (bytes 2, 3)."""
     HALF: gl.constexpr = 16 // P
     PB: gl.constexpr = 8 // P
-    LP: gl.constexpr = _prep_layout(P, GS, gl.num_warps(), T * NSUB)
+    LP: gl.constexpr = _prep_layout(P, GS, gl.num_warps())
     row = along(T * NSUB, 0, 5, LP)
     g = chunk * NSUB * GS + (row % NSUB) * GS + along(GS, 1, 5, LP)
     slot = along(HALF, 4, 5, LP)
@@ -126,8 +123,8 @@ def load_x(x_ptr, stride_xm, M, Kq, chunk, T: gl.constexpr, NSUB: gl.constexpr, 
 
 
 @gluon.jit
-def prepare_x(x, xp_buf, xs_buf, xd_buf, P: gl.constexpr):
-    """One chunk of ``T`` tokens' activations ``x`` (:func:`load_x`) into shared memory: per group the power of two
+def _prepare_x(x, xp_buf, xs_buf, xd_buf, P: gl.constexpr):
+    """One chunk of ``T`` tokens' activations ``x`` (:func:`_load_x`) into shared memory: per group the power of two
     ``2^e`` that puts ``max |x 2^e|`` in ``[2^14, 2^15)``, the 16-bit integers ``rint(x 2^e)`` two per uint32
     (``xp_buf [steps * 16 / P, T, GS, P]``: step and pair slot, token, group, word row), ``sum x 2^e`` and ``2^-e``
     (``xs_buf``, ``xd_buf``: ``[steps, T, GS]``)."""
@@ -177,7 +174,7 @@ def _dot2(x2, codes, acc, HIGH: gl.constexpr):
 
 
 @gluon.jit
-def step_terms(words, sb, zb, xp_smem, xp_first, xs, xd, ZOFF: gl.constexpr, ZMUL: gl.constexpr, P: gl.constexpr,
+def _step_terms(words, sb, zb, xp_smem, xp_first, xs, xd, ZOFF: gl.constexpr, ZMUL: gl.constexpr, P: gl.constexpr,
                 L4: gl.constexpr):
     """``[T, GS, BN]`` fp32: per token, group and column of one step, ``c 2^-e (sum_k q_k x_k 2^e - zero_b sum_k x_k
     2^e)`` (the words ``[GS, P, BN]``, scale and zero bytes ``[GS, BN]``, the step's 16-bit activation pairs: entries
@@ -228,7 +225,7 @@ def _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_
         cta_barrier()  # every warp holds step i: the slot may take step i + STAGES
         mbarrier.arrive(empty.index(s))
         j = i - first
-        acc += step_terms(words, sb, zb, xp_steps, j * HALF, xs_steps.index(j).load(LX), xd_steps.index(j).load(LX),
+        acc += _step_terms(words, sb, zb, xp_steps, j * HALF, xs_steps.index(j).load(LX), xd_steps.index(j).load(LX),
                            ZOFF, ZMUL, P, L4)
     return acc
 
@@ -248,18 +245,18 @@ def _consume(x_ptr, stride_xm, M, Kq, code_bufs, scale_bufs, zero_bufs, ready, e
     acc = gl.zeros([T, GS, BN], gl.float32, gl.SliceLayout(2, L4))
     if ONE_CHUNK:
         for t in gl.static_range(T):
-            prepare_x(load_x(x_ptr + t * stride_xm, 0, M - t, Kq, 0, 1, NSUB, P, GS), xp_smem.slice(t, 1, dim=1),
+            _prepare_x(_load_x(x_ptr + t * stride_xm, 0, M - t, Kq, 0, 1, NSUB, P, GS), xp_smem.slice(t, 1, dim=1),
                        xs_smem.slice(t, 1, dim=1), xd_smem.slice(t, 1, dim=1), P)
         cta_barrier()
         acc = _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, 0, n_steps, acc,
                      P, ZOFF, ZMUL, L4)
     else:
-        x_next = load_x(x_ptr, stride_xm, M, Kq, 0, T, NSUB, P, GS)
+        x_next = _load_x(x_ptr, stride_xm, M, Kq, 0, T, NSUB, P, GS)
         for c in range(gl.cdiv(n_steps, NSUB)):
             x = x_next
-            x_next = load_x(x_ptr, stride_xm, M, Kq, c + 1, T, NSUB, P, GS)  # all masked off past the last chunk
+            x_next = _load_x(x_ptr, stride_xm, M, Kq, c + 1, T, NSUB, P, GS)  # all masked off past the last chunk
             cta_barrier()  # every warp has left the previous chunk's steps, which read the buffers
-            prepare_x(x, xp_smem, xs_smem, xd_smem, P)
+            _prepare_x(x, xp_smem, xs_smem, xd_smem, P)
             cta_barrier()
             acc = _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem, c * NSUB,
                          gl.minimum(c * NSUB + NSUB, n_steps), acc, P, ZOFF, ZMUL, L4)

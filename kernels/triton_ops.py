@@ -35,7 +35,6 @@ import triton
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .gluon_actquant import launch_actquant_rows, staged_chunks, staged_rows_supported
-from .gluon_burst import burst_gemv_supported, burst_split, launch_gemv_burst
 from .gluon_gemm import launch_gemm_ws, ws_supported
 from .gluon_gemm_ra import RA_BITS, RA_ROWS, RA_STEP_K, launch_gemm_ra, ra_plan, ra_supported
 from .gluon_gemv import STEP_K, WARP_CHANNELS, launch_gemv_mma, mma_gemv_supported, token_rows
@@ -93,11 +92,7 @@ class Config:
     program fed by a TMA ring, block_m the tokens per program (1, 2 or 4), block_n 16, 32, 64 or 128 columns, block_k
     codes per step, ``num_warps`` consuming warps (one more issues the copies), ``num_stages`` steps in flight; calls
     it does not take (:func:`~kernels.gluon_stream.stream_gemv_supported`: more tokens than block_m among them) run
-    the rule's other kernels. ``"gemv_burst"`` (:mod:`kernels.gluon_burst`; 1 or 2 tokens, 2- and 4-bit weights,
-    Hopper): programs that load their whole tile at once, block_m the tokens per program (1 or 2), block_n 16, 32, 64
-    or 128 columns, block_k the codes of K per program (a power-of-two number of groups; ``Kq / block_k`` programs
-    per column tile add their sums in-kernel), ``num_warps`` warps; calls it does not take
-    (:func:`~kernels.gluon_burst.burst_gemv_supported`) run the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
+    the rule's other kernels. ``"gemm_ra"`` (:mod:`kernels.gluon_gemm_ra`; the table's choice for many shapes at 9..256
     tokens, and :func:`hopper_config`'s for shapes it does not list; 2- and 4-bit weights, 16-bit inputs, Hopper): the
     dequantized weights as wgmma's register operand on activations put in its K order by one pass per call, block_m
     the tokens per program (16, 32, 64 or 128: wgmma's N), block_n 64 weight rows, block_k 128 (K per step),
@@ -355,11 +350,6 @@ def launch_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, z
                                    cfg.num_stages, cfg.num_warps, y)
         cfg = default_config(bits, m, n, kq, mma=False)  # > block_m tokens, fp32, 3/8-bit codes, split channels
         chosen = True
-    if cfg.kernel == "gemv_burst":
-        if burst_gemv_supported(bits, x, packed, scales, kq, has_split, cfg.block_m):
-            return _burst_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y)
-        cfg = default_config(bits, m, n, kq, mma=False)  # > block_m tokens, fp32, 3/8-bit codes, split channels
-        chosen = True
     if chosen and cfg.kernel == "gemv_h2" and x.dtype == torch.float32:
         # a half2 tile takes 16-bit inputs: fp32 ones run the fp32 GEMV, on the same tile unless it is a whole-column
         # one (M <= 2 only), whose many groups per step the fp32 GEMV would sum across warps: then on its own tile
@@ -458,18 +448,6 @@ def _mma_gemv_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bit
     return launch_gemv_mma(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
                            *gluon_scale_args(bits, master_bits, scales.shape[1] * GROUP_SIZE), cfg.block_n,
                            cfg.num_warps, split_k, ws, cnt, y)
-
-
-def _burst_linear(x, packed, scales, zeros, row_scale, token_scale, bias, bits, master_bits, cfg, y):
-    """``y = x @ W_b^T`` for one or two tokens with the whole-tile programs of :mod:`kernels.gluon_burst`."""
-    n, g = scales.shape
-    kq = g * GROUP_SIZE
-    groups = cfg.block_k // GROUP_SIZE
-    tiles = triton.cdiv(n, cfg.block_n)
-    _, ws, cnt = _split_buffers(tiles, replace(cfg, split_k=burst_split(kq, groups)), x.device)
-    return launch_gemv_burst(x, packed, scales, zeros, row_scale, token_scale, bias, bits,
-                             *gluon_scale_args(bits, master_bits, kq), cfg.block_m, cfg.block_n, groups, cfg.num_warps,
-                             ws, cnt, y)
 
 
 def _dense_linear(x, packed, scales, zeros, row_scale, split_index, token_scale, bias, bits, master_bits,

@@ -174,41 +174,6 @@ def test_gemv_tma_many_programs_repeated(bits, tokens, block_n, block_k, warps):
 
 
 @hopper
-@pytest.mark.parametrize("bits, dtype, tokens, block_n, block_k, warps", [
-    (2, BF16, 1, 128, 1024, 8), (2, F16, 2, 64, 1024, 4), (2, BF16, 1, 32, 2048, 4), (2, BF16, 2, 16, 2048, 2),
-    (2, F16, 1, 128, 512, 4), (4, BF16, 1, 128, 512, 8), (4, F16, 2, 64, 1024, 4), (4, BF16, 1, 32, 1024, 2)])
-def test_gemv_burst(bits, dtype, tokens, block_n, block_k, warps):
-    """The whole-tile GEMV on programs of 1 and 2 tokens, every token count up to them: partial column tiles (N =
-    4000), a last slice of K partly past Kq (K = 11008: 344 groups), one program along K (K = 1024: no workspace),
-    token scales and bias; one token more than the programs take falls back to the other kernels."""
-    cfg = Config("gemv_burst", tokens, block_n, block_k, num_warps=warps)
-    for k, n in ((4096, 4000), (11008, 1024), (1024, 2048)):
-        layer = make_layer(k, n, bits, gen("burst", k, n, bits))
-        for m in range(1, tokens + 2):
-            check_wa16(layer, m, dtype, gen("burst", k, n, bits, m, block_n, warps), cfg)
-        check_token_scale_bias(layer, tokens, dtype, cfg, "burst")
-
-
-@hopper
-@pytest.mark.parametrize("bits, tokens, block_n, block_k, warps", [(2, 1, 128, 1024, 8), (4, 2, 64, 512, 4)])
-def test_gemv_burst_many_programs_repeated(bits, tokens, block_n, block_k, warps):
-    """1792 to 3584 programs on 8192 x 28672 (8 or 16 along K per column tile), 20 calls with fresh inputs: a counter
-    not reset, or a partial summed before it was stored, shows up as a wrong call."""
-    k, n = 8192, 28672
-    layer = make_layer(k, n, bits, gen("burst-many", bits))
-    w = dequantize(layer.to_quantized_weight(), bits, dtype=torch.float64)
-    cfg = Config("gemv_burst", tokens, block_n, block_k, num_warps=warps)
-    g = gen("burst-many-x", bits, block_n, warps, tokens)
-    for call in range(20):
-        x = torch.randn(tokens, k, device="cuda", generator=g).to(torch.bfloat16)
-        out = poisoned(tokens, n, torch.bfloat16)
-        launch_linear(x, layer.packed, layer.scales, layer.zeros, layer.row_scale, None, None, None, bits,
-                      layer.master_bits, k, torch.bfloat16, cfg, out)
-        err = rel_err(out, x.double() @ w.T)
-        assert not out.isnan().any() and err <= 1e-2, f"call {call}: rel err {err:.2e}"
-
-
-@hopper
 @pytest.mark.parametrize("bits, dtype, tokens, stages, split", [
     (2, BF16, 16, 3, 1), (2, F16, 32, 5, 3), (2, BF16, 64, 4, 2), (2, BF16, 128, 2, 1), (4, BF16, 16, 5, 2),
     (4, F16, 64, 3, 1), (4, BF16, 128, 5, 4), (4, F16, 32, 4, 5)])
@@ -386,8 +351,6 @@ def test_cuda_graph_and_torch_compile():
     (4, 2, None, Config("gemv_tma", 2, 16, 1024, num_warps=4, num_stages=3)),
     (2, 1, 2, Config("gemv_tma", 1, 32, 1024, num_warps=8, num_stages=4)),
     (2, 2, None, Config("gemv_tma", 2, 32, 1024, num_warps=4, num_stages=2)),
-    (2, 1, None, Config("gemv_burst", 1, 64, 1024, num_warps=4)),
-    (4, 2, 4, Config("gemv_burst", 2, 128, 512, num_warps=8)),
     (2, 8, None, Config("gemv_mma", 8, 32, 128, split_k=4, num_warps=4)),
     (4, 3, None, Config("gemv_h2", 4, 128, 2, split_k=4, num_warps=1)),
     (2, 16, None, Config("gemm_t", 16, 64, 64, split_k=4, num_warps=4, num_stages=3)),
@@ -400,8 +363,8 @@ def test_pdl_chain_matches_launches_without_it(bits, m, act_bits, config):
     captured graph, bit-identical to the same chain without PDL (a read of the activations, the split-K workspace or
     counters before the wait would see the previous layer's unfinished output). The TMA ring on 256 programs, on 128
     with one per SM, and on 128 of which two fit on an SM (launched without PDL: ``pdl_keeps_balance``); the
-    activation quantizer before the ring; the whole-tile GEMV with split-K (also after the quantizer); the decode,
-    half2 and ``W @ x^T`` kernels and the register-operand wgmma kernel (also after the quantizer) with split-K."""
+    activation quantizer before the ring; the decode, half2 and ``W @ x^T`` kernels and the register-operand wgmma kernel
+    (also after the quantizer) with split-K."""
     from kernels import pdl
 
     g = gen("pdl", bits, m, act_bits)
