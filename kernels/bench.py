@@ -160,12 +160,10 @@ FLOOR_MIN_BYTES = 4 << 20
 
 
 @triton.jit
-def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr,
-                   EARLY: tl.constexpr = False):
+def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr, PDL: tl.constexpr):
     """Stream ``n`` int32 words of ``src``: copy them into ``dst``, or read them (one xor per program into ``dst``).
-    ``PDL``: launched as the kernels it is the floor of are (:mod:`kernels.pdl`); ``EARLY``: a read issues its loads
-    before waiting for the previous kernel (only its store waits), as kernels that stream weights first do."""
-    wait_prior_grid_if(PDL and not (EARLY and not COPY))
+    ``PDL``: launched as the kernels it is the floor of are (:mod:`kernels.pdl`)."""
+    wait_prior_grid_if(PDL)
     offs = tl.program_id(0) * (BLOCK * ITERS) + tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.int32)
     for i in tl.static_range(ITERS):  # all loads in flight at once
@@ -176,12 +174,11 @@ def _stream_kernel(src, dst, n, COPY: tl.constexpr, BLOCK: tl.constexpr, ITERS: 
         else:
             acc ^= v
     if not COPY:
-        wait_prior_grid_if(PDL and EARLY)
         release_next_grid(PDL)
         tl.store(dst + tl.program_id(0), tl.xor_sum(acc, 0))
 
 
-def floor_calls(nbytes: int, copy: bool, early: bool = False) -> list:
+def floor_calls(nbytes: int, copy: bool) -> list:
     """Calls that move ``nbytes`` (read them, or copy: read half, write half) over rotated buffers, for
     :func:`graph_times_us`: the least time a kernel that moves those bytes needs. 4 x 2048 words per
     program on 4 warps (the fastest, or within 2 % of it, of six variants at every size of 5 MB and more
@@ -198,8 +195,8 @@ def floor_calls(nbytes: int, copy: bool, early: bool = False) -> list:
     dst = torch.empty(copies * stride if copy else grid[0], dtype=torch.int32, device="cuda")
     views = [(src[i * stride:], dst[i * stride:] if copy else dst) for i in range(copies)]
     pdl = pdl_for(src)
-    return [lambda s=s, d=d: _stream_kernel[grid](s, d, n, COPY=copy, BLOCK=block, ITERS=iters, PDL=pdl, EARLY=early,
-                                                  num_warps=4, launch_pdl=pdl)
+    return [lambda s=s, d=d: _stream_kernel[grid](s, d, n, COPY=copy, BLOCK=block, ITERS=iters, PDL=pdl, num_warps=4,
+                                                  launch_pdl=pdl)
             for s, d in views]
 
 

@@ -68,7 +68,6 @@ LOADER_REGS = gl.constexpr(48)  # per thread of the loader warp
 # tiles (docs/BENCHMARKS.md, session 18)
 MAX_REGS = {1: 96, 2: 128, 4: 128}
 STREAM_TOKENS = tuple(MAX_REGS)
-PROBE = {"weights_first": False, "early_trigger": False}  # PROBE: read at each launch (scripts/prefetch_ab.py)
 
 
 @gluon.constexpr_function
@@ -234,7 +233,7 @@ def _steps(code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_
 @gluon.jit
 def _consume(x_ptr, stride_xm, M, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem, xd_smem,
              n_steps, P: gl.constexpr, ONE_CHUNK: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr,
-             L4: gl.constexpr, WEIGHTS_FIRST: gl.constexpr):
+             L4: gl.constexpr):
     """The default partition: per chunk of activations (``xs_smem``'s steps, all tokens), prepare the chunk, then its
     :func:`_steps`; returns ``[T, GS, BN]`` fp32 sums. With ``ONE_CHUNK`` (K up to 8192) the whole rows are prepared,
     one token after another, while the loader fills the ring; longer rows in chunks, the next chunk's loads issued
@@ -243,8 +242,6 @@ def _consume(x_ptr, stride_xm, M, Kq, code_bufs, scale_bufs, zero_bufs, ready, e
     BN: gl.constexpr = scale_bufs.type.shape[2]
     NSUB: gl.constexpr = xs_smem.type.shape[0]
     T: gl.constexpr = xs_smem.type.shape[1]
-    if WEIGHTS_FIRST:
-        wait_prior_grid()  # PDL: the activations may be the previous kernel's output (the loader does not wait)
     acc = gl.zeros([T, GS, BN], gl.float32, gl.SliceLayout(2, L4))
     if ONE_CHUNK:
         for t in gl.static_range(T):
@@ -267,8 +264,7 @@ def _consume(x_ptr, stride_xm, M, Kq, code_bufs, scale_bufs, zero_bufs, ready, e
 
 
 @gluon.jit
-def _load(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps,
-          EARLY_TRIGGER: gl.constexpr):
+def _load(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps):
     """The loader warp: the copies of every step, each into its slot once the consumers have handed it back (the
     first round's waits pass at once: they wait for the phase before the barriers' first)."""
     STAGES: gl.constexpr = code_bufs.type.shape[0]
@@ -276,16 +272,13 @@ def _load(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty
         s = i % STAGES
         mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
         _issue(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, i, s, off_n)
-    if EARLY_TRIGGER:  # PROBE: the next kernel may launch once every program has issued its last copy
-        launch_dependents()
 
 
 @gluon.jit
 def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_ptr, M, N, Kq, stride_xm, stride_ym,
                     T: gl.constexpr, P: gl.constexpr, CHUNK: gl.constexpr, ONE_CHUNK: gl.constexpr,
                     STAGES: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr, COL_MULT: gl.constexpr,
-                    HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr, WEIGHTS_FIRST: gl.constexpr = False,
-                    EARLY_TRIGGER: gl.constexpr = False):
+                    HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
     """``y [M, N] = x [M, Kq] @ W_b^T`` for ``M <= T`` tokens, one program per ``BN`` columns (grid ``cdiv(N,
     BN)``); see the module docstring. ``w_desc``, ``s_desc``, ``z_desc``: TMA descriptors of the K-major words ``[Kq
     P / 32, N]`` and scale and zero bytes ``[G, N]`` in step boxes. The launch's warps prepare the activations (in
@@ -301,8 +294,7 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
     gl.static_assert(GS % TR == 0, "a step's groups must spread evenly over the threads of a column")
     # [token, group, word row, column]: a thread holds every token of its groups and 4 consecutive columns
     L4: gl.constexpr = gl.BlockedLayout([T, GS // TR, P, 4], [1, 32 // TC, 1, TC], [1, W, 1, 1], [3, 2, 1, 0])
-    if not WEIGHTS_FIRST:
-        wait_prior_grid()  # PDL (:mod:`kernels.pdl`): the activations and the output may be the previous kernel's
+    wait_prior_grid()  # PDL (:mod:`kernels.pdl`): the activations and the output may be the previous kernel's
     off_n = gl.program_id(0) * BN
     n_steps = gl.cdiv(Kq, GS * 32)
 
@@ -325,9 +317,8 @@ def gemv_tma_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_p
 
     acc, = gl.warp_specialize([
         (_consume, (x_ptr, stride_xm, M, Kq, code_bufs, scale_bufs, zero_bufs, ready, empty, xp_smem, xs_smem,
-                    xd_smem, n_steps, P, ONE_CHUNK, ZOFF, ZMUL, L4, WEIGHTS_FIRST)),
-        (_load, (w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps,
-                 EARLY_TRIGGER)),
+                    xd_smem, n_steps, P, ONE_CHUNK, ZOFF, ZMUL, L4)),
+        (_load, (w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps)),
     ], [1], [LOADER_REGS])
     launch_dependents()  # only the epilogue is left
 
@@ -420,7 +411,6 @@ def launch_gemv_tma(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
         token_scale if token_scale is not None else row_scale, bias if bias is not None else row_scale, y,
         m, n, kq, x.stride(0), y.stride(0), T=tokens, P=bits, CHUNK=chunk, ONE_CHUNK=chunk * GROUP_SIZE >= kq,
         STAGES=stages, ZOFF=zoff, ZMUL=zmul, COL_MULT=col_mult, HAS_TS=token_scale is not None,
-        HAS_BIAS=bias is not None, WEIGHTS_FIRST=PROBE["weights_first"], EARLY_TRIGGER=PROBE["early_trigger"],
-        num_warps=warps, maxnreg=MAX_REGS[tokens],
+        HAS_BIAS=bias is not None, num_warps=warps, maxnreg=MAX_REGS[tokens],
         launch_pdl=pdl_for(x) and pdl_keeps_balance(grid, tokens, warps, sm_count(x.device)))
     return y
