@@ -5,12 +5,13 @@ token count, but it loads its codes into registers one step ahead, so its few wa
 latency (docs/BENCHMARKS.md, session 15: 0.4 instructions per cycle and scheduler): at 2..8 tokens it takes 13-14 µs
 on W2 8192 x 8192, where the one-token GEMV fed by a TMA ring (:mod:`kernels.gluon_stream`) takes 8.2. Here the
 decode kernel's arithmetic (:func:`kernels.gluon_gemv._step`, unchanged) reads its codes, scale and zero bytes from
-the slots of that ring: a loader warp keeps ``STAGES`` steps in flight by TMA, so the consumers wait only for data
-that is late.
+the slots of that ring, kept ``STAGES`` steps ahead by TMA: one thread issues a slot's next copies once every
+warp has read it (no loader warp, so no idle warps padding the launch hold registers: twice the warps per SM of a
+warp-specialized ring at 128 registers).
 
-Per program: 32 output channels (one warp's width: two ``m16n8k16`` tiles) over all of K, ``num_warps`` consumer
-warps along K. A ring step holds ``256 num_warps`` codes (``[8 num_warps P, 32]`` K-major words, ``[8 num_warps,
-32]`` scale and zero bytes); consumer warp ``w`` takes the step's 128-code blocks ``2 w`` and ``2 w + 1`` (the decode
+Per program: 32 output channels (one warp's width: two ``m16n8k16`` tiles) over all of K, ``num_warps`` warps
+along K. A ring step holds ``256 num_warps`` codes (``[8 num_warps P, 32]`` K-major words, ``[8 num_warps,
+32]`` scale and zero bytes); warp ``w`` takes the step's 128-code blocks ``2 w`` and ``2 w + 1`` (the decode
 kernel's two steps per iteration, after which it adds the zero terms), lane ``(g, c)`` the words of group ``c`` of
 each block for channels ``4 g .. 4 g + 3``, as the decode kernel's lanes load them from global memory. The
 activations still come from global memory (L2), one ring step ahead in registers. The warps' sums are added through
@@ -30,11 +31,10 @@ from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared,
 from .device import compute_capability
 from .gluon_gemm import SMEM_BYTES, cta_barrier, reinterpret
 from .gluon_gemv import STEP_K, WARP_CHANNELS, _step, _store, _tile_pair, _zero_terms, lane_constants, token_rows
-from .gluon_stream import LOADER_REGS, _load, ring_descriptors
+from .gluon_stream import _issue, ring_descriptors
 from .pdl import launch_dependents, pdl_for, wait_prior_grid
 
-# registers per thread by token tiles (the launch's maxnreg, for every warp: the consumers, the loader and the idle
-# warps that pad them to whole warp groups)
+# registers per thread by token tiles (the launch's maxnreg)
 RING_REGS = {1: 128, 2: 168}
 CHANNELS = gl.constexpr(WARP_CHANNELS)  # per program
 
@@ -101,17 +101,36 @@ def _load_acts(x_ptr, i, tok_x, sx, G, W: gl.constexpr, NT: gl.constexpr, L16: g
 
 
 @gluon.jit
-def _consume(x_ptr, code_bufs, scale_bufs, zero_bufs, ready, empty, M, G, sx, one, n_steps, P: gl.constexpr,
-             BF16: gl.constexpr, NT: gl.constexpr, ZOFF: gl.constexpr, ZMUL: gl.constexpr):
-    """The consumer warps: every ring step's two blocks per warp through the decode kernel's arithmetic; returns the
-    lane's ``8 NT`` sums (4 channels x 2 tokens per token tile, as :func:`kernels.gluon_gemv.gemv_mma_kernel`'s
-    ``vals``), summed over this warp's blocks only."""
+def gemv_ring_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_ptr, M, N, G, sx, sy, one,
+                     P: gl.constexpr, BF16: gl.constexpr, NT: gl.constexpr, STAGES: gl.constexpr, ZOFF: gl.constexpr,
+                     ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """``y [M, N] = x [M, Kq] @ W_b^T`` for ``M <= 8 NT``, one program per 32 channels (grid ``N / 32``); see the
+    module docstring. ``x_ptr``: an int32 view of the activations (row stride ``sx`` words); ``w_desc``, ``s_desc``,
+    ``z_desc``: TMA descriptors of the K-major words and scale and zero bytes in steps of ``256 num_warps`` codes and
+    32 channels; ``G`` groups of 32 along K."""
     W: gl.constexpr = gl.num_warps()
     R: gl.constexpr = 32 * W
-    STAGES: gl.constexpr = code_bufs.type.shape[0]
+    RW: gl.constexpr = w_desc.block_type.shape[0]
+    GS: gl.constexpr = s_desc.block_type.shape[0]
+    gl.static_assert(GS == 8 * W, "a ring step is two 128-code blocks per warp")
+    NV: gl.constexpr = 8 * NT
     LT: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
     L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     L16: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [W, 1], [1, 0])
+    code_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, RW, CHANNELS], w_desc.layout)
+    scale_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, GS, CHANNELS], s_desc.layout)
+    zero_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, GS, CHANNELS], z_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(STAGES):
+        mbarrier.init(ready.index(b), count=1)
+    fence_async_shared()
+    off_n = gl.program_id(0) * CHANNELS
+    n_steps = gl.cdiv(G, GS)
+    for b in gl.static_range(STAGES):  # the weights are not the previous kernel's: their copies start before the wait
+        if b < n_steps:
+            _issue(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, b, b, off_n)
+    wait_prior_grid()  # PDL (:mod:`kernels.pdl`): the activations and the output may be the previous kernel's
+
     tid_x = gl.arange(0, R, layout=gl.SliceLayout(1, L16))
     tok_x = ()
     for u in gl.static_range(NT):
@@ -129,9 +148,12 @@ def _consume(x_ptr, code_bufs, scale_bufs, zero_bufs, ready, empty, M, G, sx, on
         w0, w1 = _slot_words(code_bufs.index(s), P, W, L4)
         s0, s1 = _slot_bytes(scale_bufs.index(s), W, LT)
         z0, z1 = _slot_bytes(zero_bufs.index(s), W, LT)
-        fence_async_shared()  # the slot's next bytes come by TMA (the async proxy), as in kernels.gluon_stream
+        # the slot's next bytes come by TMA (the async proxy): fenced after every warp has read it (as in
+        # kernels.gluon_stream), then one thread issues them
+        fence_async_shared()
         cta_barrier()
-        mbarrier.arrive(empty.index(s))
+        if i + STAGES < n_steps:
+            _issue(w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, i + STAGES, s, off_n)
         xs_next = _load_acts(x_ptr, i + 1, tok_x, sx, G, W, NT, L16)  # masked off past the last step
         acc0e, acc0o, acc1e, acc1o, zc0, xg0 = _step((w0, xs[0], s0, z0), acc0e, acc0o, acc1e, acc1o, one_p, neg_p,
                                                      sel, zero_u, g_t, c_t, ZOFF, ZMUL, P, BF16, NT, LT)
@@ -139,53 +161,21 @@ def _consume(x_ptr, code_bufs, scale_bufs, zero_bufs, ready, empty, M, G, sx, on
                                                      sel, zero_u, g_t, c_t, ZOFF, ZMUL, P, BF16, NT, LT)
         acc0o, acc1o = _zero_terms(acc0o, acc1o, zc0, zc1, xg0, xg1, NT)
         xs = xs_next
-    vals = ()
+    launch_dependents()  # only the epilogue is left
+
+    # per lane: channels 4 g + ch, tokens 8 u + 2 c (+ 1) (as gemv_mma_kernel's vals); the warps' sums added through
+    # shared memory
+    L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])
+    sums = ()
     for u in gl.static_range(NT):
         for ch in gl.static_range(4):
             if ch < 2:
-                vals = vals + _tile_pair(acc0e, acc0o, 4 * u + 2 * (ch % 2))
+                pair = _tile_pair(acc0e, acc0o, 4 * u + 2 * (ch % 2))
             else:
-                vals = vals + _tile_pair(acc1e, acc1o, 4 * u + 2 * (ch % 2))
-    return vals
-
-
-@gluon.jit
-def gemv_ring_kernel(x_ptr, w_desc, s_desc, z_desc, rs_ptr, ts_ptr, bias_ptr, y_ptr, M, N, G, sx, sy, one,
-                     P: gl.constexpr, BF16: gl.constexpr, NT: gl.constexpr, STAGES: gl.constexpr, ZOFF: gl.constexpr,
-                     ZMUL: gl.constexpr, COL_MULT: gl.constexpr, HAS_TS: gl.constexpr, HAS_BIAS: gl.constexpr):
-    """``y [M, N] = x [M, Kq] @ W_b^T`` for ``M <= 8 NT``, one program per 32 channels (grid ``N / 32``); see the
-    module docstring. ``x_ptr``: an int32 view of the activations (row stride ``sx`` words); ``w_desc``, ``s_desc``,
-    ``z_desc``: TMA descriptors of the K-major words and scale and zero bytes in steps of ``256 num_warps`` codes and
-    32 channels; ``G`` groups of 32 along K."""
-    W: gl.constexpr = gl.num_warps()
-    RW: gl.constexpr = w_desc.block_type.shape[0]
-    GS: gl.constexpr = s_desc.block_type.shape[0]
-    gl.static_assert(GS == 8 * W, "a ring step is two 128-code blocks per consumer warp")
-    NV: gl.constexpr = 8 * NT
-    wait_prior_grid()  # PDL (:mod:`kernels.pdl`): the activations and the output may be the previous kernel's
-    off_n = gl.program_id(0) * CHANNELS
-    n_steps = gl.cdiv(G, GS)
-    code_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES, RW, CHANNELS], w_desc.layout)
-    scale_bufs = gl.allocate_shared_memory(s_desc.dtype, [STAGES, GS, CHANNELS], s_desc.layout)
-    zero_bufs = gl.allocate_shared_memory(z_desc.dtype, [STAGES, GS, CHANNELS], z_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(STAGES):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
-    fence_async_shared()
-
-    vals = gl.warp_specialize([
-        (_consume, (x_ptr, code_bufs, scale_bufs, zero_bufs, ready, empty, M, G, sx, one, n_steps, P, BF16, NT,
-                    ZOFF, ZMUL)),
-        (_load, (w_desc, s_desc, z_desc, code_bufs, scale_bufs, zero_bufs, ready, empty, off_n, n_steps)),
-    ], [1], [LOADER_REGS])
-    launch_dependents()  # only the epilogue is left
-
-    L2: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [W, 1], [1, 0])
-    sums = ()
-    for i in gl.static_range(NV):  # the warps' sums added through shared memory
-        sums = sums + (gl.sum(gl.convert_layout(gl.reshape(vals[i], [W, 32]), L2), axis=0), )
+                pair = _tile_pair(acc1e, acc1o, 4 * u + 2 * (ch % 2))
+            for v in gl.static_range(2):
+                sums = sums + (gl.sum(gl.convert_layout(gl.reshape(pair[v], [W, 32]), L2), axis=0), )
+    gl.static_assert(len(sums) == NV)
     tid_o = gl.arange(0, 32, layout=gl.SliceLayout(0, L2))
     _store(sums, off_n + tid_o // 4 * 4, tid_o % 4, M, N, y_ptr, sy, rs_ptr, ts_ptr, bias_ptr, NT, COL_MULT, HAS_TS,
            HAS_BIAS)
