@@ -328,27 +328,6 @@ def _tile_zero_terms(zh, zl, t: gl.constexpr, xh, xl, acc, u: gl.constexpr):
 
 
 @gluon.jit
-def lane_constants(one, R: gl.constexpr, P: gl.constexpr, BF16: gl.constexpr, LT: gl.constexpr):
-    """A lane's constants of :func:`_step` (``[R]`` tensors in ``LT``, lane ``tid``): per pair window the LOP3 pair
-    ``one_p`` (``(2^(E-p), 2^(E-p))`` over ``one``, the pair of the activation dtype's 1.0 exponent bits) and the
-    addend pair ``neg_p`` (``(-2^(E-p), -2^(E-p))``), a zero, the group-sum MMA's A operand ``sel`` (row ``g`` sums
-    the K of lane ``g % 4``, its group), and the lane's ``g`` and ``c``."""
-    E: gl.constexpr = 7 if BF16 else 10
-    tid = gl.arange(0, R, layout=LT)
-    g_t = (tid % 32) // 4
-    c_t = tid % 4
-    one_p = ()
-    neg_p = ()
-    for p in gl.static_range(0, 8, P):
-        op = gl.full([R], 0, gl.int32, LT) + (one - ((p << E) * 0x10001))
-        one_p = one_p + (op, )
-        neg_p = neg_p + ((op | -2147450880).to(gl.uint32, bitcast=True), )
-    zero_u = gl.full([R], 0, gl.uint32, LT)
-    sel = gl.where(g_t % 4 == c_t, gl.full([R], (0x3F80 if BF16 else 0x3C00) * 0x10001, gl.uint32, LT), zero_u)
-    return one_p, neg_p, zero_u, sel, g_t, c_t
-
-
-@gluon.jit
 def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, M, N, n_steps,
                     steps_per_split, steps_per_warp, sx, sy, one, SPLIT_K, P: gl.constexpr, BF16: gl.constexpr,
                     NT: gl.constexpr, WK: gl.constexpr, RAGGED: gl.constexpr, ZOFF: gl.constexpr,
@@ -369,6 +348,7 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     LT: gl.constexpr = gl.BlockedLayout([1], [32], [W], [0])
     L4: gl.constexpr = gl.BlockedLayout([1, 4], [32, 1], [W, 1], [1, 0])
     L16: gl.constexpr = gl.BlockedLayout([1, 16], [32, 1], [W, 1], [1, 0])
+    E: gl.constexpr = 7 if BF16 else 10
     wait_prior_grid()  # PDL: the activations, the split-K workspace and counters, the output: the previous kernel's
     pid_n = gl.program_id(0)
     pid_k = gl.program_id(1)
@@ -382,6 +362,8 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
     tok_x = ()
     for u in gl.static_range(NT):
         tok_x = tok_x + (gl.minimum(8 * u + (tid_x % 32) // 4, M - 1), )
+    g_t = (tid_t % 32) // 4
+    c_t = tid_t % 4
     s0 = pid_k * steps_per_split
     s1 = gl.minimum(s0 + steps_per_split, n_steps)
     # the loop walks j in [lo, hi); a lane's step is first + j (first in each layout the loads use): one row of warps
@@ -401,7 +383,15 @@ def gemv_mma_kernel(x_ptr, w_ptr, s_ptr, z_ptr, rs_ptr, ts_ptr, bias_ptr, y_ptr,
         first_t = s0 + (tid_t // RO) * steps_per_warp
         end_x = gl.minimum(first_x + steps_per_warp, s1)
 
-    one_p, neg_p, zero_u, sel, g_t, c_t = lane_constants(one, R, P, BF16, LT)
+    one_p = ()
+    neg_p = ()
+    for p in gl.static_range(0, 8, P):
+        op = gl.full([R], 0, gl.int32, LT) + (one - ((p << E) * 0x10001))
+        one_p = one_p + (op, )
+        neg_p = neg_p + ((op | -2147450880).to(gl.uint32, bitcast=True), )  # (-2^(E-p), -2^(E-p))
+    zero_u = gl.full([R], 0, gl.uint32, LT)
+    # A of the group-sum MMA: row g sums the K of lane g % 4 (its group)
+    sel = gl.where(g_t % 4 == c_t, gl.full([R], (0x3F80 if BF16 else 0x3C00) * 0x10001, gl.uint32, LT), zero_u)
     zero_f = gl.zeros([R], gl.float32, LT)
     acc0e = (zero_f, ) * (4 * NT)  # tile 0 (channels 0, 1), even chunks; four mma.sync registers per token tile
     acc0o = acc0e
