@@ -45,8 +45,8 @@ LAYOUT_CASES = ((8192, 8192, 32, 1024, 4), (4096, 14336, 64, 512, 2), (4096, 143
 RING_CASES = ((32, 1024, 4, 1, 96), (32, 512, 8, 1, 96), (32, 1024, 4, 2, 96), (32, 1024, 4, 2, 64),
               (32, 1024, 2, 2, 64), (64, 512, 4, 1, 96), (64, 512, 4, 2, 64), (16, 1024, 4, 1, 96),
               (16, 1024, 4, 1, 64), (32, 1024, 6, 1, 96), (32, 1024, 4, 4, 64),
-              # session 27: 8 slots, every step of a program in flight at once (K = 8192 at 32 x 1024, K = 4096 at
-              # 64 x 512, and both the other way round at half of K)
+              # session 27: 8 slots, every step of a program in flight at once (K = 4096 at either tile, K = 8192 at
+              # 32 x 1024; half of K = 8192 at 64 x 512)
               (32, 1024, 8, 1, 96), (64, 512, 8, 1, 96))
 
 
